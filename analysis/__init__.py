@@ -1,0 +1,1 @@
+"""Score vocabularies (ALP, compression, ...), pick the knee, audit tokenizers, plots and reports."""

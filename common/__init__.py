@@ -1,0 +1,4 @@
+"""Helpers shared by every stage: atomic output, manifests, errors and the dataclass CLI.
+
+Stages import from here; nothing here imports a stage.
+"""

@@ -1,0 +1,1 @@
+"""QLoRA continued pretraining of Mixtral with trainable embeddings, and a shard-by-shard merge."""

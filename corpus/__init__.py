@@ -1,0 +1,1 @@
+"""Readers, a dataset registry, splits, packing into token blocks and mixtures."""
