@@ -1,6 +1,41 @@
-"""Commands of this stage for `graft` (see common/cli.py)."""
-from common.cli import Groups
+"""Commands of this stage for `graft` (see common/cli.py). Heavy imports stay inside the run functions."""
+from common.cli import Groups, command
+from vocab.check import CheckConfig
+from vocab.merge import MergeConfig
+from vocab.train import TrainConfig
+
+
+def _train(cfg: TrainConfig) -> None:
+    from common.io import read_manifest
+    from vocab.train import train_candidates
+
+    out = train_candidates(cfg)
+    m = read_manifest(out)
+    c = m["counts"]
+    print(f"wrote {c['candidates']} candidates from {c['trainings']} trainings "
+          f"({c['lines_sampled']} lines sampled of {c['lines_seen']}) to {out}/candidates")
+
+
+def _merge(cfg: MergeConfig) -> None:
+    from common.io import read_manifest
+    from vocab.merge import merge_into_base
+
+    out = merge_into_base(cfg)
+    c = read_manifest(out)["counts"]
+    print(f"wrote {out}: {c['vocab_size']} pieces = {c['base_pieces']} base + {c['added_total']} added "
+          f"({c['added_merges']} merges, {c['added_chars']} characters, {c['added_intermediates']} intermediates) "
+          f"+ {c['special_added']} special; skipped {c['duplicates']} duplicates, "
+          f"{c['not_target_script']} without the target script, {c['needs_missing_non_target_char']} needing "
+          "a non-target character the base lacks; all added pieces reachable")
+
+
+def _check(cfg: CheckConfig) -> None:
+    from vocab.check import run_check
+
+    run_check(cfg)
 
 
 def register(groups: Groups) -> None:
-    """Declare this package's commands; filled in by the stage's issue."""
+    command(groups, "vocab train", TrainConfig, _train, positional=("inputs",))
+    command(groups, "vocab merge", MergeConfig, _merge)
+    command(groups, "vocab check", CheckConfig, _check, positional=("tokenizer",))
