@@ -27,14 +27,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from common.scripts import char_class
+
 RENYI_ALPHA = 2.5
 SCRIPTS = ("han", "latin", "digits", "other")
 
-# Han as in vocab/scripts.py (SentencePiece's ideograph table); Latin letters in the Latin blocks.
-_HAN = ("\u2e80-\u2e99\u2e9b-\u2ef3\u2f00-\u2fd5\u3005\u3007\u3021-\u3029\u3038-\u303b\u3400-\u4dbf"
-        "\u4e00-\u9fff\uf900-\ufa6d\ufa70-\ufad9\U00016fe2-\U00016fe3\U00016ff0-\U00016ff1"
-        "\U00020000-\U0002a6df\U0002a700-\U0002ebef\U0002ebf0-\U0002ee5f\U0002f800-\U0002fa1f"
-        "\U00030000-\U0003134f\U00031350-\U000323af")
+# Han is the one table in common/scripts.py (SentencePiece's ideograph blocks); Latin letters in the Latin blocks.
+_HAN = char_class("Han")
 _LATIN = "A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f\u1e00-\u1eff\uff21-\uff3a\uff41-\uff5a"
 _DIGIT = "0-9\uff10-\uff19"
 _RE = {"han": re.compile(f"[{_HAN}]"), "latin": re.compile(f"[{_LATIN}]"), "digits": re.compile(f"[{_DIGIT}]")}

@@ -9,7 +9,7 @@ from common.tokenizer_files import load_fast_tokenizer, load_model_proto, load_s
 from corpus.sources import write_jsonl
 from vocab.check import PROBES, CheckConfig, check_tokenizer, run_check
 from vocab.merge import MergeConfig, merge_into_base, reachability_failures
-from vocab.scripts import ScriptFilter
+from common.scripts import ScriptFilter
 from vocab.train import train_bpe
 from workflows.cli import main
 

@@ -92,7 +92,7 @@ def check_tokenizer(cfg: CheckConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
     from vocab.merge import reachability_failures
-    from vocab.scripts import ScriptFilter
+    from common.scripts import ScriptFilter
 
     folder = Path(cfg.tokenizer)
     if not folder.is_dir() or not (folder / "tokenizer.model").is_file() or not (folder / "tokenizer.json").is_file():

@@ -63,7 +63,7 @@ class Plan:
 
 def plan_additions(base, cand, script_name: str = "Han") -> Plan:
     """Decide which pieces to append, with which scores (see the module docstring)."""
-    from vocab.scripts import ScriptFilter
+    from common.scripts import ScriptFilter
 
     script = ScriptFilter(script_name)
     base_pieces = {p.piece for p in base.pieces}
@@ -229,7 +229,7 @@ def _hf_configs(base_path: Path, merged, special: list[str]) -> tuple[dict, dict
 def merge_into_base(cfg: MergeConfig) -> Path:
     """Write the merged tokenizer folder `cfg.out`; returns its path."""
     from common.io import atomic_write_json, file_sha256
-    from vocab.scripts import ScriptFilter
+    from common.scripts import ScriptFilter
 
     started = time.time()
     ScriptFilter(cfg.script)  # validate early

@@ -225,7 +225,7 @@ def train_candidates(cfg: TrainConfig) -> Path:
 
     from corpus.readers import RejectLog, expand_inputs
     from vocab.sample import sample_lines
-    from vocab.scripts import ScriptFilter
+    from common.scripts import ScriptFilter
 
     started = time.time()
     out = Path(cfg.out)

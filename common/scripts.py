@@ -25,6 +25,11 @@ _RANGES = {
 SCRIPTS = tuple(_RANGES) + ("any",)
 
 
+def char_class(script: str) -> str:
+    """The script's ranges as the inside of a regex character class, e.g. for `[...]+`."""
+    return "".join(f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in _RANGES[script])
+
+
 class ScriptFilter:
     """`filter.has(text)`: does the text contain at least one character of the script?"""
 
@@ -37,8 +42,7 @@ class ScriptFilter:
         ranges = _RANGES.get(self.name, [])
         self._starts = [a for a, _ in ranges]
         self._ends = [b for _, b in ranges]
-        self._re = re.compile("[" + "".join(f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in ranges) + "]") \
-            if ranges else None
+        self._re = re.compile(f"[{char_class(self.name)}]") if ranges else None
 
     def is_char(self, ch: str) -> bool:
         if self.name == "any":
