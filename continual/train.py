@@ -1,0 +1,279 @@
+"""`graft train`: QLoRA continued pretraining, a plain loop (torchtune style) on `accelerate`.
+
+One process on CPU/GPU, or many under `accelerate launch` / `torchrun` with the configs in
+continual/launch/ (DDP, DeepSpeed ZeRO-2/3, FSDP). See docs/continual.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from common.errors import GraftError, input_error
+from common.io import atomic_path, atomic_write_json, is_complete, write_manifest
+from continual import data as D
+from continual import model as M
+from continual.config import TrainConfig
+from continual.fingerprint import base_fingerprint
+from continual.metrics import MetricsLogger
+from continual.state import checkpoint_dirs, load_checkpoint, save_checkpoint
+
+ADAPTER_DIR = "adapter"
+RUN_CONFIG = "train_config.json"
+ADAPTER_INFO = "graft_adapter.json"
+# Settings that do not change the loss curve: they may differ when resuming.
+_LOGISTICS = {"eval_every", "eval_blocks", "save_every", "keep_checkpoints", "log_every", "progress", "resume",
+              "max_steps", "epochs"}
+
+
+def lr_lambda(total: int, warmup: int, min_ratio: float):
+    """Linear warmup to 1, then cosine to `min_ratio` at `total` steps."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def _check_resume_config(out: Path, cfg: TrainConfig) -> None:
+    saved_path = out / RUN_CONFIG
+    if not saved_path.is_file():
+        return
+    saved = json.loads(saved_path.read_text())
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    diff = sorted(k for k in set(saved) | set(now) if k not in _LOGISTICS and saved.get(k) != now.get(k))
+    if diff:
+        raise input_error(out, f"holds a run started with other settings ({', '.join(diff)} differ)",
+                          "resume with the same settings, or choose a new `out`")
+
+
+def _batch(ds, idx, device):
+    import torch
+
+    return torch.tensor(ds[[int(i) for i in idx]][D.COLUMN], dtype=torch.long, device=device)
+
+
+def evaluate(model, dev_ds, n_blocks: int, micro_batch_size: int, accelerator, autocast) -> tuple[float, float]:
+    """Summed next-token cross-entropy (nats) and the number of predicted tokens, over all ranks."""
+    import torch
+    import torch.nn.functional as F
+
+    was_training = model.training
+    model.eval()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    nats = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    count = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    with torch.no_grad():
+        for lo in range(rank * micro_batch_size, n_blocks, world * micro_batch_size):
+            batch = _batch(dev_ds, range(lo, min(lo + micro_batch_size, n_blocks)), accelerator.device)
+            with autocast():
+                logits = model(input_ids=batch, output_router_logits=False, use_cache=False).logits
+            nats += F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                    batch[:, 1:].reshape(-1), reduction="sum").double()
+            count += batch[:, 1:].numel()
+    nats, count = accelerator.reduce(nats, "sum"), accelerator.reduce(count, "sum")
+    model.train(was_training)
+    return float(nats), float(count)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train a QLoRA adapter per `cfg`; returns OUT (with OUT/adapter). Re-running resumes."""
+    import contextlib
+    import functools
+
+    import torch
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    cfg.validate()
+    started = time.time()
+    out = Path(cfg.out)
+    if cfg.resume and is_complete(out):
+        print(f"{out}: already complete (manifest.json). Delete it or choose another out to train again.")
+        return out
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=cfg.grad_accum)
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    main = accelerator.is_main_process
+
+    # ---- inputs, checked before anything heavy ----
+    model_cfg = M.read_model_config(cfg.model)
+    vocab_size = int(model_cfg["vocab_size"])
+    tok_path = cfg.tokenizer or cfg.model
+    tokenizer = M.load_tokenizer(tok_path)
+    M.check_tokenizer_matches(tokenizer, vocab_size, tok_path, cfg.model)
+    train_ds = D.load_split(cfg.train_data, "train")
+    dev_src = cfg.dev_data or cfg.train_data
+    dev_ds = D.load_split(dev_src, "dev")
+    seq_len = D.block_length(train_ds, cfg.train_data, cfg.seq_len)
+    D.block_length(dev_ds, f"{dev_src} (dev split)", seq_len)
+    for ds, where in ((train_ds, cfg.train_data), (dev_ds, f"{dev_src} (dev split)")):
+        top = D.max_token_id(ds)
+        if top >= vocab_size:
+            raise input_error(where, f"holds token id {top} but the model has {vocab_size} embedding rows",
+                              "tokenize the corpus with the tokenizer of this model")
+    new_rows_start = (M.find_new_rows_start(cfg.model, len(tokenizer), cfg.new_rows_start)
+                      if cfg.embeddings == "new-rows" else None)
+    per_epoch = len(train_ds) // (cfg.micro_batch_size * world) // cfg.grad_accum
+    if per_epoch == 0:
+        raise input_error(cfg.train_data, f"has {len(train_ds)} blocks, fewer than one optimizer step needs "
+                                          f"({cfg.micro_batch_size * world * cfg.grad_accum})",
+                          "add data or lower micro_batch_size/grad_accum")
+    total_steps = cfg.max_steps or per_epoch * cfg.epochs
+
+    ckpts = checkpoint_dirs(out)
+    if ckpts and not cfg.resume:
+        raise input_error(out, "already holds checkpoints of a run", "set resume = true to continue it, or "
+                                                                     "choose another out")
+    if ckpts:
+        _check_resume_config(out, cfg)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / RUN_CONFIG, cfg)
+
+    # ---- model ----
+    compute_dtype = M.resolve_compute_dtype(cfg.compute_dtype)
+    torch.manual_seed(cfg.seed)
+    from accelerate.utils import DistributedType
+
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    zero3 = ds_plugin is not None and getattr(ds_plugin, "zero_stage", 0) == 3
+    # Engines whose processes each hold only a shard of the optimizer state (and maybe the parameters).
+    sharded = fsdp or accelerator.distributed_type == DistributedType.DEEPSPEED
+    if (fsdp or zero3) and cfg.quant_storage != "bfloat16":
+        raise GraftError(f"{'FSDP' if fsdp else 'DeepSpeed ZeRO-3'} shards only float tensors. Fix: set "
+                         'quant_storage = "bfloat16" in the train config')
+    # Sharded engines place (and shard) the weights themselves; otherwise each process loads onto its GPU.
+    device_map = {"": device} if device.type == "cuda" and not (fsdp or zero3) else None
+    model = M.load_base_4bit(cfg.model, compute_dtype, cfg.quant_storage, device_map=device_map)
+    M.check_target_modules(model, cfg.target_modules, cfg.model)
+    is_moe = hasattr(model.config, "num_local_experts")
+    use_aux = bool(is_moe and cfg.router_aux_loss)
+    if is_moe:
+        model.config.output_router_logits = use_aux
+        if cfg.router_aux_loss_coef is not None:
+            model.config.router_aux_loss_coef = cfg.router_aux_loss_coef
+            model.router_aux_loss_coef = cfg.router_aux_loss_coef
+    aux_coef = float(getattr(model, "router_aux_loss_coef", 0.0)) if use_aux else 0.0
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = M.add_adapters(model, cfg, len(tokenizer), new_rows_start, upcast=not fsdp)
+
+    emb_names = M.embedding_param_names(model)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    emb_lr = cfg.embedding_lr if cfg.embedding_lr is not None else cfg.learning_rate / 2
+    groups = [{"params": [p for n, p in trainable if n not in emb_names], "lr": cfg.learning_rate},
+              {"params": [p for n, p in trainable if n in emb_names], "lr": emb_lr}]
+    groups = [g for g in groups if g["params"]]
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    warmup = max(1, round(cfg.warmup_ratio * total_steps)) if cfg.warmup_ratio > 0 else 0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, cfg.min_lr_ratio))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+
+    step, micro_pos, tokens = 0, 0, 0
+    if ckpts:
+        state = load_checkpoint(ckpts[-1], raw_model, optimizer, scheduler, rank, world)
+        step, micro_pos, tokens = state["step"], state["micro_pos"], state["tokens"]
+        if main:
+            print(f"resuming from {ckpts[-1]} (step {step} of {total_steps})")
+
+    autocast = (functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
+                if compute_dtype == torch.bfloat16 else contextlib.nullcontext)
+    n_dev = len(dev_ds) if not cfg.eval_blocks else min(cfg.eval_blocks, len(dev_ds))
+    dev_bytes = D.utf8_bytes_of_blocks(dev_ds, tokenizer, n_dev)
+    logger = MetricsLogger(out, main, step)
+
+    def run_eval() -> dict[str, float]:
+        nats, count = evaluate(model, dev_ds, n_dev, cfg.micro_batch_size, accelerator, autocast)
+        return {"dev_loss": nats / count, "dev_bpb": nats / math.log(2) / max(1, dev_bytes)}
+
+    if step == 0 and cfg.eval_every:
+        logger.log(0, tokens=0, **run_eval(), elapsed_s=round(time.time() - started, 3))
+
+    batches = D.micro_batches(len(train_ds), cfg.micro_batch_size, cfg.seed, micro_pos, rank, world)
+    bar = tqdm(total=total_steps, initial=step, disable=not (cfg.progress and main), unit="step", dynamic_ncols=True)
+    model.train()
+    last_dev: dict[str, float] = {}
+    while step < total_steps:
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        aux_sum = torch.zeros((), device=device)
+        grad_norm = None
+        for _ in range(cfg.grad_accum):
+            micro_pos, idx = next(batches)
+            micro_pos += 1
+            batch = _batch(train_ds, idx, device)
+            with accelerator.accumulate(model):
+                with autocast():
+                    res = model(input_ids=batch, labels=batch, output_router_logits=use_aux, use_cache=False)
+                accelerator.backward(res.loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += res.loss.detach().float()
+            if use_aux and res.aux_loss is not None:
+                aux_sum += res.aux_loss.detach().float()
+        scheduler.step()
+        step += 1
+        tokens += cfg.micro_batch_size * seq_len * cfg.grad_accum * world
+        loss = float(accelerator.reduce(loss_sum, "mean")) / cfg.grad_accum
+        aux = float(accelerator.reduce(aux_sum, "mean")) / cfg.grad_accum
+        dt = time.perf_counter() - t0
+        tps = cfg.micro_batch_size * seq_len * cfg.grad_accum * world / dt
+        if not math.isfinite(loss):
+            raise GraftError(f"the loss became {loss} at step {step}. Fix: lower learning_rate/embedding_lr, or resume "
+                             "from an earlier checkpoint")
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", **({k: f"{v:.4f}" for k, v in last_dev.items()}))
+        dev = run_eval() if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps else {}
+        if dev:
+            last_dev = dev
+        if step % cfg.log_every == 0 or dev or step == total_steps:
+            lrs = scheduler.get_last_lr()
+            logger.log(step, tokens=tokens, lr=lrs[0], embedding_lr=lrs[1] if len(lrs) > 1 else None, loss=loss,
+                       ce_loss=loss - aux_coef * aux, aux_loss=aux if use_aux else None,
+                       grad_norm=None if grad_norm is None else float(grad_norm), tokens_per_s=round(tps, 1),
+                       **dev, elapsed_s=round(time.time() - started, 3))
+        if (cfg.save_every and step % cfg.save_every == 0) and step < total_steps:
+            save_checkpoint(out, step, raw_model, optimizer, scheduler,
+                            {"micro_pos": micro_pos, "tokens": tokens}, cfg.keep_checkpoints, rank, world,
+                            barrier=accelerator.wait_for_everyone, sharded=sharded)
+    bar.close()
+    logger.close()
+
+    accelerator.wait_for_everyone()
+    # Under ZeRO-3/FSDP the parameters are sharded: gather a full state dict (every process takes part).
+    full_state = accelerator.get_state_dict(model) if (fsdp or zero3) else None
+    if main:
+        _save_adapter(out, raw_model, tokenizer, cfg, vocab_size, new_rows_start, full_state)
+        write_manifest(out, stage="continual.train", config=cfg,
+                       inputs={"model": cfg.model, "tokenizer": tok_path, "train_data": cfg.train_data,
+                               "dev_data": dev_src},
+                       counts={"steps": step, "tokens": tokens, "train_blocks": len(train_ds),
+                               "dev_blocks": n_dev, "dev_bytes": dev_bytes, "seq_len": seq_len,
+                               "processes": world, **M.count_4bit_params(raw_model)},
+                       started=started, final_dev=last_dev, adapter=ADAPTER_DIR)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def _save_adapter(out: Path, model, tokenizer, cfg: TrainConfig, vocab_size: int, new_rows_start: int | None,
+                  state_dict=None) -> None:
+    """OUT/adapter: peft adapter (+ trained embeddings), tokenizer, and what `graft merge` checks."""
+    with atomic_path(out / ADAPTER_DIR) as tmp:
+        # Embedding weights are saved through modules_to_save / trainable_token_indices only; "auto" would add a
+        # full copy of both matrices in new-rows mode, defeating its purpose.
+        model.save_pretrained(str(tmp), save_embedding_layers=False, state_dict=state_dict)
+        tokenizer.save_pretrained(str(tmp))
+        atomic_write_json(tmp / ADAPTER_INFO, {
+            "base": str(Path(cfg.model).resolve()), "base_fingerprint": base_fingerprint(cfg.model),
+            "vocab_size": vocab_size, "embeddings": cfg.embeddings, "new_rows_start": new_rows_start,
+            "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "target_modules": list(cfg.target_modules)})

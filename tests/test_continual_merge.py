@@ -1,0 +1,128 @@
+"""graft merge: shard-by-shard LoRA + embedding merge, checked against peft's merge_and_unload."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from common.errors import GraftError
+from continual.config import MergeConfig
+from continual.merge import merge_adapter
+from continual.testing import make_tiny_base, tiny_train_config, tiny_workspace
+from continual.train import train
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    return tiny_workspace(tmp_path_factory.getbasetemp() / "continual_ws")
+
+
+@pytest.fixture(scope="module")
+def full_adapter(ws, tmp_path_factory):
+    out = train(tiny_train_config(ws, tmp_path_factory.mktemp("full") / "run", max_steps=3, eval_every=0,
+                                  save_every=0, lora_dropout=0.0))
+    return out / "adapter"
+
+
+def _logits(path, ids, adapter=None):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _ids(ws):
+    from continual.data import load_split
+
+    return torch.tensor(load_split(ws["data"], "dev")[:2]["input_ids"], dtype=torch.long)
+
+
+def test_merge_equals_peft_merge_and_unload(ws, full_adapter, tmp_path):
+    out = merge_adapter(MergeConfig(base=str(ws["base"]), adapter=str(full_adapter), out=str(tmp_path / "m")))
+    ids = _ids(ws)
+    ours, ref, base = _logits(out, ids), _logits(ws["base"], ids, full_adapter), _logits(ws["base"], ids)
+    assert (ours - ref).abs().max().item() <= 1e-5
+    assert (ours - base).abs().max().item() > 1e-2  # the adapter did change the model
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["counts"]["lora_merged"] == 2 * (4 + 4 * 3) and m["counts"]["replaced"] == 2
+    # the tokenizer travels with the merged model, and it loads offline
+    from transformers import AutoTokenizer
+
+    assert len(AutoTokenizer.from_pretrained(str(out))) == json.loads((out / "config.json").read_text())["vocab_size"]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(json.loads((ws["base"] / "model.safetensors.index.json").read_text())
+                                           ["weight_map"])
+
+
+def test_merge_to_bf16(ws, full_adapter, tmp_path):
+    from safetensors import safe_open
+
+    out = merge_adapter(MergeConfig(base=str(ws["base"]), adapter=str(full_adapter), out=str(tmp_path / "m"),
+                                    dtype="bf16"))
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    for shard in set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values()):
+        with safe_open(str(out / shard), "pt") as f:
+            assert all(f.get_slice(k).get_dtype() == "BF16" for k in f.keys())
+    ids = _ids(ws)
+    ref = _logits(ws["base"], ids, full_adapter)
+    assert (_logits(out, ids) - ref).abs().max().item() < 0.1  # bf16 rounding only
+
+
+def test_adapter_for_another_vocabulary(ws, full_adapter, tmp_path):
+    other = make_tiny_base(tmp_path / "base", ws["tok"])
+    cfg = json.loads((other / "config.json").read_text())
+    # a base with the original 32,000-row vocabulary (the adapter was trained on the grown one)
+    from common.tiny import save_tiny_mixtral
+
+    small = save_tiny_mixtral(tmp_path / "small", vocab_size=32000)
+    with pytest.raises(GraftError, match=r"trained for a vocabulary of 320\d\d rows, the base .* has 32000"):
+        merge_adapter(MergeConfig(base=str(small), adapter=str(full_adapter), out=str(tmp_path / "m")))
+    # an adapter without graft's record (plain peft folder) is still checked tensor by tensor
+    plain = tmp_path / "plain"
+    shutil.copytree(full_adapter, plain)
+    (plain / "graft_adapter.json").unlink()
+    with pytest.raises(GraftError, match=r"(lm_head|embed_tokens).weight is \[320\d\d, 64\] but the base.s is \[32000, 64\]: it was trained for a vocabulary"):
+        merge_adapter(MergeConfig(base=str(small), adapter=str(plain), out=str(tmp_path / "m")))
+    assert cfg["vocab_size"] > 32000
+
+
+def test_adapter_for_another_base(ws, full_adapter, tmp_path):
+    other = make_tiny_base(tmp_path / "other", ws["tok"], seed=1)  # same shapes, other weights
+    with pytest.raises(GraftError, match=r"trained on another base \(weights differ"):
+        merge_adapter(MergeConfig(base=str(other), adapter=str(full_adapter), out=str(tmp_path / "m")))
+    wider = make_tiny_base(tmp_path / "wider", ws["tok"], hidden=128)
+    with pytest.raises(GraftError, match=r"another base \(configuration differ"):
+        merge_adapter(MergeConfig(base=str(wider), adapter=str(full_adapter), out=str(tmp_path / "m")))
+    plain = tmp_path / "plain"
+    shutil.copytree(full_adapter, plain)
+    (plain / "graft_adapter.json").unlink()
+    with pytest.raises(GraftError, match=r"LoRA of .* but the base weight is .*trained for another base"):
+        merge_adapter(MergeConfig(base=str(wider), adapter=str(plain), out=str(tmp_path / "m")))
+    assert not (tmp_path / "m").exists()
+
+
+def test_corrupt_adapter_and_base(ws, full_adapter, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(full_adapter, bad)
+    w = bad / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[:-1000])
+    with pytest.raises(GraftError, match=r"adapter_model\.safetensors: corrupt shard.*truncated"):
+        merge_adapter(MergeConfig(base=str(ws["base"]), adapter=str(bad), out=str(tmp_path / "m")))
+    (bad / "adapter_config.json").write_text("{not json")
+    with pytest.raises(GraftError, match=r"adapter_config\.json:1: not valid JSON"):
+        merge_adapter(MergeConfig(base=str(ws["base"]), adapter=str(bad), out=str(tmp_path / "m")))
+    base = tmp_path / "base"
+    shutil.copytree(ws["base"], base)
+    shard = sorted(base.glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(GraftError, match=r"corrupt shard"):
+        merge_adapter(MergeConfig(base=str(base), adapter=str(full_adapter), out=str(tmp_path / "m"),
+                                  allow_other_base=True))
+    assert not (tmp_path / "m").exists()
