@@ -1,0 +1,295 @@
+"""`graft embed init`: grow embed_tokens and lm_head of a safetensors checkpoint without loading the model.
+
+Only the two embedding matrices are read. Every shard without them is hard-linked (or copied); the shards
+that hold them are rewritten tensor by tensor (other tensors copied as raw bytes), so peak memory is about
+old matrix + grown matrix, one matrix at a time, whatever the model size (see common/checkpoint.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from common.checkpoint import (CONFIG_FILE, Checkpoint, TensorPlan, copy_side_files, open_checkpoint,
+                               rewrite_checkpoint, torch_dtype)
+from common.errors import input_error
+from common.io import atomic_path, atomic_write_json, file_sha256, is_complete, write_manifest
+from embed_init.config import EmbedInitConfig
+from embed_init.tokens import SPECIAL, SurfaceEncoder, TokenizerPieces, check_extends, load_pieces
+
+EMBED_NAMES = ("model.embed_tokens.weight",)
+LM_HEAD_NAMES = ("lm_head.weight",)
+HF_MEAN_EPSILON = 1e-9   # transformers' mean_resizing scales the covariance by this
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt")
+_CHUNK_ROWS = 4096
+_MEAN_CHUNK = 1024  # new ids per vectorised step of `mean`
+
+
+def padded_rows(n: int, multiple: int) -> int:
+    """`n` rounded up to a multiple of `multiple` (0 or 1 = no padding)."""
+    return n if multiple <= 1 else -(-n // multiple) * multiple
+
+
+def find_matrices(ckpt: Checkpoint) -> tuple[str, str | None, bool]:
+    """(embed tensor name, lm_head name or None when tied and not stored, tied)."""
+    embed = next((n for n in EMBED_NAMES if ckpt.has(n)), None)
+    if embed is None:
+        embed = next((n for n in ckpt.weight_map if n.endswith("embed_tokens.weight")), None)
+    if embed is None:
+        raise input_error(ckpt.dir, "no embed_tokens tensor found in the checkpoint",
+                          "pass a Llama/Mistral/Mixtral-style checkpoint (tensor model.embed_tokens.weight)")
+    lm_head = next((n for n in LM_HEAD_NAMES if ckpt.has(n)), None)
+    # PretrainedConfig defaults tie_word_embeddings to True when config.json omits it.
+    tied = bool(ckpt.config.get("tie_word_embeddings", True))
+    if lm_head is None and not tied:
+        raise input_error(ckpt.dir / CONFIG_FILE, "tie_word_embeddings is false but the checkpoint has no "
+                          "lm_head.weight", "re-save the checkpoint with save_pretrained, or set "
+                          "tie_word_embeddings to true if the output layer is tied")
+    return embed, lm_head, tied
+
+
+def surface_sources(old: TokenizerPieces, new: TokenizerPieces) -> list[list[int]]:
+    """For each new id (len(old)..len(new)-1): the old ids its surface text encodes to ([] = special/none)."""
+    enc = SurfaceEncoder(old)
+    return [enc.encode(new.surface(i)) for i in range(len(old), len(new))]
+
+
+def _mean_rows(old, chunk: int = _CHUNK_ROWS):
+    """Mean of all rows in fp32, summed chunk by chunk (no fp32 copy of the whole matrix)."""
+    import torch
+
+    total = torch.zeros(old.shape[1], dtype=torch.float64)
+    for s in range(0, old.shape[0], chunk):
+        total += old[s:s + chunk].to(torch.float64).sum(0)
+    return (total / old.shape[0]).to(torch.float32)
+
+
+def _covariance(old, mean, chunk: int = _CHUNK_ROWS):
+    """Population covariance of the rows (as transformers computes it), in fp32, chunked."""
+    import torch
+
+    cov = torch.zeros(old.shape[1], old.shape[1], dtype=torch.float32)
+    for s in range(0, old.shape[0], chunk):
+        x = old[s:s + chunk].to(torch.float32) - mean
+        cov += x.T @ x
+    return cov / old.shape[0]
+
+
+def grow_matrix(old, rows: int, n_new: int, method: str, sources: list[list[int]], *, seed: int,
+                init_range: float):
+    """Return the grown matrix: old rows copied bit for bit, new rows by `method`, padding = mean of old rows.
+
+    `old` is (n_old, hidden) in the checkpoint dtype; `sources[k]` are the old ids for new id n_old + k.
+    New rows are computed in fp32 and cast to the checkpoint dtype.
+    """
+    import torch
+
+    new = torch.empty(rows, old.shape[1], dtype=old.dtype)
+    new[:old.shape[0]] = old
+    return fill_new_rows(new, old.shape[0], n_new, method, sources, seed=seed, init_range=init_range)
+
+
+def fill_new_rows(new, n_old: int, n_new: int, method: str, sources: list[list[int]], *, seed: int,
+                  init_range: float):
+    """Fill rows n_old.. of `new` in place from its first n_old rows (see `grow_matrix`); returns `new`.
+
+    Working in place lets the caller read the old matrix straight into `new[:n_old]`: peak memory is
+    the grown matrix plus small fp32 chunks.
+    """
+    import torch
+
+    old = new[:n_old]
+    rows, hidden = new.shape
+    mean_all = _mean_rows(old)
+    added = n_new - n_old
+    gen = torch.Generator().manual_seed(seed)
+    if method == "mean":
+        # Sum each new id's old rows with index_add_ (serial on CPU, so deterministic), chunk by chunk.
+        for s in range(0, added, _MEAN_CHUNK):
+            chunk = sources[s:s + _MEAN_CHUNK]
+            flat = torch.tensor([i for ids in chunk for i in ids], dtype=torch.long)
+            seg = torch.tensor([k for k, ids in enumerate(chunk) for _ in ids], dtype=torch.long)
+            sums = torch.zeros(len(chunk), hidden, dtype=torch.float32)
+            sums.index_add_(0, seg, old[flat].to(torch.float32))
+            counts = torch.tensor([len(ids) for ids in chunk], dtype=torch.float32)
+            block = sums / counts.clamp(min=1)[:, None]
+            empty = counts == 0
+            block[empty] = mean_all
+            new[n_old + s:n_old + s + len(chunk)] = block.to(old.dtype)
+    elif method == "hf-mean":
+        cov = _covariance(old, mean_all) * HF_MEAN_EPSILON
+        chol, info = torch.linalg.cholesky_ex(cov)
+        for s in range(0, added, _CHUNK_ROWS):
+            k = min(_CHUNK_ROWS, added - s)
+            if int(info) == 0:
+                z = torch.randn(k, hidden, generator=gen, dtype=torch.float32)
+                block = mean_all + z @ chol.T
+            else:  # not positive definite: transformers falls back to the mean
+                block = mean_all.expand(k, hidden)
+            new[n_old + s:n_old + s + k] = block.to(old.dtype)
+    elif method == "random":
+        for s in range(0, added, _CHUNK_ROWS):
+            k = min(_CHUNK_ROWS, added - s)
+            block = torch.randn(k, hidden, generator=gen, dtype=torch.float32) * init_range
+            new[n_old + s:n_old + s + k] = block.to(old.dtype)
+    else:
+        raise ValueError(method)
+    if rows > n_new:
+        new[n_new:] = mean_all.to(old.dtype)
+    return new
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Remove temp folders that an interrupted (killed) earlier run left next to `out`."""
+    for p in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = p.name.rpartition("-")
+        if not kind.endswith((".tmp", ".old")) or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # that process is still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def write_tokenizer(new_tokenizer: str | Path, out: Path) -> list[str]:
+    """Put the new tokenizer into `out` as a HF folder (copy a folder; convert a bare .model)."""
+    src = Path(new_tokenizer)
+    if src.is_dir():
+        names = []
+        for p in sorted(src.iterdir()):
+            if p.is_file() and not p.name.startswith(".") and p.name != "manifest.json":
+                shutil.copy2(p, out / p.name)
+                names.append(p.name)
+        return names
+    from common.tokenizer_files import load_model_proto, sentencepiece_to_fast
+
+    proto = load_model_proto(src)
+    shutil.copyfile(src, out / "tokenizer.model")
+    sentencepiece_to_fast(proto, src).save(str(out / "tokenizer.json"))
+    spec = proto.trainer_spec
+    piece = lambda i: proto.pieces[i].piece if 0 <= i < len(proto.pieces) else None  # noqa: E731
+    atomic_write_json(out / "tokenizer_config.json", {
+        "tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": spec.bos_id >= 0,
+        "add_eos_token": False, "bos_token": piece(spec.bos_id), "eos_token": piece(spec.eos_id),
+        "unk_token": piece(spec.unk_id), "pad_token": None, "clean_up_tokenization_spaces": False,
+        "model_max_length": 1000000000000000019884624838656})
+    atomic_write_json(out / "special_tokens_map.json", {k: v for k, v in {
+        "bos_token": piece(spec.bos_id), "eos_token": piece(spec.eos_id), "unk_token": piece(spec.unk_id)}.items() if v})
+    return ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+
+
+def _spm_sha256(path: str | Path) -> str:
+    p = Path(path)
+    return file_sha256(p / "tokenizer.model" if p.is_dir() else p)
+
+
+def grow_embeddings(cfg: EmbedInitConfig) -> Path:
+    """Write `cfg.out`: the checkpoint of `cfg.model` with embed_tokens/lm_head grown to the new tokenizer."""
+    import torch
+
+    started = time.time()
+    out, model_dir = Path(cfg.out), Path(cfg.model)
+    if out.exists() and model_dir.exists() and out.resolve() == model_dir.resolve():
+        raise input_error(out, "--out is the --model folder", "write to a new folder")
+    if out.exists() and not cfg.overwrite:
+        state = "a complete output" if is_complete(out) else "a folder"
+        raise input_error(out, f"output folder already exists ({state})",
+                          "pass --overwrite to replace it, or choose another --out")
+    ckpt = open_checkpoint(model_dir)
+    old, new = load_pieces(cfg.old_tokenizer), load_pieces(cfg.new_tokenizer)
+    check_extends(old, new)
+    n_old, n_new = len(old), len(new)
+    vocab_size = ckpt.config.get("vocab_size")
+    if vocab_size != n_old:
+        raise input_error(model_dir / CONFIG_FILE, f"vocab_size is {vocab_size} but the old tokenizer "
+                          f"{old.path} has {n_old} pieces", "pass the tokenizer this model was trained with as "
+                          "--old-tokenizer (its size must equal config.json's vocab_size)")
+    embed, lm_head, tied = find_matrices(ckpt)
+    names = [embed] + ([lm_head] if lm_head else [])
+    for name in names:
+        info = ckpt.info(name)
+        if len(info.shape) != 2 or info.shape[0] != n_old:
+            raise input_error(info.file, f"tensor {name} has shape {list(info.shape)}, expected {n_old} rows "
+                              "(config.json vocab_size)", "fix config.json or re-save the checkpoint")
+    rows = padded_rows(n_new, cfg.pad_to_multiple_of)
+    if rows == n_old:
+        raise input_error(new.path, f"the new tokenizer adds no pieces to the old one ({n_old} pieces each)",
+                          "pass the grown tokenizer (e.g. from `graft vocab merge`) as --new-tokenizer")
+    sources = surface_sources(old, new)
+    init_range = float(ckpt.config.get("initializer_range", 0.02))
+    stats: dict[str, Any] = {}
+
+    def plan_for(name: str, seed: int) -> TensorPlan:
+        info = ckpt.info(name)
+
+        def produce():
+            t0 = time.time()
+            grown = torch.empty(rows, info.shape[1], dtype=torch_dtype(info.dtype))
+            ckpt.read_tensor(name, out=grown[:n_old])  # old rows read in place: no second copy
+            fill_new_rows(grown, n_old, n_new, cfg.method, sources, seed=seed, init_range=init_range)
+            finite = all(bool(torch.isfinite(grown[s:s + _CHUNK_ROWS]).all()) for s in range(n_old, rows, _CHUNK_ROWS))
+            stats[name] = {"old_shape": list(info.shape), "new_shape": list(grown.shape), "dtype": info.dtype,
+                           "seconds": round(time.time() - t0, 3), "finite": finite}
+            return grown
+        return TensorPlan((rows, info.shape[1]), info.dtype, produce)
+
+    # Tied weights stored twice get identical rows (same seed); untied lm_head draws its own.
+    plan = {embed: plan_for(embed, cfg.seed)}
+    if lm_head:
+        plan[lm_head] = plan_for(lm_head, cfg.seed if tied else cfg.seed + 1)
+    _remove_stale_temps(out)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        report = rewrite_checkpoint(ckpt, tmp, plan, link=cfg.link, progress=cfg.progress)
+        copy_side_files(model_dir, tmp, skip=lambda p: p.name in TOKENIZER_FILES or p.name == CONFIG_FILE)
+        config = dict(ckpt.config)
+        config["vocab_size"] = rows
+        atomic_write_json(tmp / CONFIG_FILE, config)
+        tok_files = write_tokenizer(cfg.new_tokenizer, tmp)
+        counts_hist: dict[str, int] = {}
+        for ids in sources:
+            counts_hist[str(len(ids))] = counts_hist.get(str(len(ids)), 0) + 1
+        special = sum(1 for i in range(n_old, n_new) if new.kinds[i] == SPECIAL)
+        write_manifest(
+            tmp, stage="embed_init", config=cfg, started=started,
+            inputs={"model": str(model_dir.resolve()), "old_tokenizer": str(Path(cfg.old_tokenizer).resolve()),
+                    "new_tokenizer": str(Path(cfg.new_tokenizer).resolve()),
+                    "old_tokenizer_sha256": _spm_sha256(cfg.old_tokenizer),
+                    "new_tokenizer_sha256": _spm_sha256(cfg.new_tokenizer)},
+            counts={"old_vocab": n_old, "new_vocab": n_new, "added": n_new - n_old, "rows": rows,
+                    "padding_rows": rows - n_new, "special_added": special,
+                    "without_old_pieces": sum(1 for ids in sources if not ids),
+                    "shards_linked": len(report["linked"]), "shards_copied": len(report["copied"]),
+                    "shards_rewritten": len(report["rewritten"]), "total_size": report["total_size"]},
+            method=cfg.method, tied=tied, tensors=stats, tokenizer_files=tok_files,
+            shards={k: report[k] for k in ("linked", "copied", "rewritten")},
+            # How many old pieces each new id's surface splits into (the `mean` row averages them);
+            # 0 = special token or no usable piece: mean of all old rows.
+            new_ids={"first": n_old, "pieces_per_new_id": [len(ids) for ids in sources],
+                     "histogram": dict(sorted(counts_hist.items(), key=lambda kv: int(kv[0])))})
+    return out
+
+
+def load_grown_manifest(out: str | Path) -> dict[str, Any]:
+    """The manifest of a finished `graft embed init` output (GraftError when missing or incomplete)."""
+    out = Path(out)
+    if not is_complete(out):
+        raise input_error(out, "no finished `graft embed init` output here (manifest.json missing or not done)",
+                          "run `graft embed init` first (re-run it if it was interrupted)")
+    m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    if m.get("stage") != "embed_init":
+        raise input_error(out / "manifest.json", f"written by stage {m.get('stage')!r}, not embed_init",
+                          "pass a folder written by `graft embed init`")
+    return m
+
+
+__all__ = ["grow_embeddings", "grow_matrix", "fill_new_rows", "surface_sources", "find_matrices", "padded_rows", "write_tokenizer",
+           "load_grown_manifest"]
