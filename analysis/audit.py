@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from common.errors import GraftError, input_error
+from corpus.readers import prefetch
 
 FORMATS = ("md", "csv", "json")
 COLUMNS = ("corpus", "tokenizer", "vocab_size", "documents", "chars", "bytes", "tokens", "tokens_per_char",
@@ -148,49 +149,6 @@ def _batches(pattern: str, cfg: AuditConfig, rejects: Any) -> Iterator[tuple[lis
         yield texts, chars, size
 
 
-def _prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
-    """Run `it` in a background thread, `depth` items ahead.
-
-    The tokenizers release the GIL while they encode a batch, so reading and parsing the next batch
-    overlaps with encoding the current one instead of adding to it. Errors are re-raised here.
-    """
-    import queue
-    import threading
-
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def work() -> None:
-        try:
-            for item in it:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(done)
-        except BaseException as e:  # handed to the consumer
-            q.put(e)
-
-    t = threading.Thread(target=work, name="audit-reader", daemon=True)
-    t.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        t.join(timeout=5)
-
-
 def _audit_corpus(pattern: str, counters: list[TokenCounter], cfg: AuditConfig, rejects: Any,
                   pool: Any) -> dict[str, Any]:
     from tqdm.auto import tqdm
@@ -201,7 +159,7 @@ def _audit_corpus(pattern: str, counters: list[TokenCounter], cfg: AuditConfig, 
                disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True)
     try:
         if pool is None:
-            for texts, c, b in _prefetch(_batches(pattern, cfg, rejects)):
+            for texts, c, b in prefetch(_batches(pattern, cfg, rejects)):
                 for j, counter in enumerate(counters):
                     tokens[j] += counter.count(texts)
                 docs, chars, size = docs + len(texts), chars + c, size + b

@@ -11,6 +11,8 @@ import glob
 import gzip
 import io
 import json
+import queue
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,3 +217,42 @@ def iter_texts(patterns: Iterable[str | Path], *, fmt: str | None = None, field_
     """Stream the documents of several files or globs, in sorted order per pattern."""
     for path in expand_inputs(patterns):
         yield from iter_file(path, fmt=fmt, field_name=field_name, rejects=rejects, max_doc_bytes=max_doc_bytes)
+
+
+_DONE = object()
+
+
+def prefetch(it: Iterator, depth: int = 2) -> Iterator:
+    """Run `it` in a background thread, `depth` items ahead (reading and JSON parsing overlap the
+    tokenizer, which releases the GIL). Exceptions are re-raised in the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in it:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_DONE)
+        except BaseException as e:  # handed to the consumer
+            q.put(e)
+
+    t = threading.Thread(target=produce, daemon=True, name="text-reader")
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        t.join(timeout=5)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import queue
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -20,7 +18,7 @@ import numpy as np
 
 from corpus.blocks import SPLITS
 from corpus.pack import BlockWriter, Packer, doc_token_array
-from corpus.readers import DEFAULT_MAX_DOC_BYTES, RejectLog, iter_file
+from corpus.readers import DEFAULT_MAX_DOC_BYTES, RejectLog, iter_file, prefetch
 
 STATS_FILE = "stats.json"
 REJECTS_FILE = "rejects.jsonl"
@@ -95,45 +93,6 @@ def _read_batches(job: ShardJob, rejects: RejectLog) -> Iterator[dict[str, list[
             yield pending
             pending, chars = {s: [] for s in SPLITS}, 0
     yield pending
-
-
-_DONE = object()
-
-
-def prefetch(it: Iterator, depth: int = 2) -> Iterator:
-    """Run `it` in a background thread, `depth` items ahead (reading and JSON parsing overlap the
-    tokenizer, which releases the GIL). Exceptions are re-raised in the consumer."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in it:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(_DONE)
-        except BaseException as e:  # handed to the consumer
-            q.put(e)
-
-    t = threading.Thread(target=produce, daemon=True, name="corpus-reader")
-    t.start()
-    try:
-        while True:
-            item = q.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        t.join(timeout=5)
 
 
 def process_shard(job: ShardJob, progress: Callable[[int, int], None] | None = None) -> dict:
