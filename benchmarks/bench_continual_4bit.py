@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -23,15 +22,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _memory import peak_rss_mb  # noqa: E402
 
 
-def _rss_mb() -> float:
-    """This process's peak RSS (VmHWM belongs to the process's own address space, so unlike ru_maxrss it
-    does not include the parent's memory at fork time)."""
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def build(base: Path) -> None:
@@ -86,7 +81,7 @@ def child(mode: str, base: Path) -> None:
         n = sum(p.numel() for p in model.parameters())
         counts = {"params_4bit": 0, "bytes_4bit": 0, "params_other": n,
                   "bytes_other": sum(p.numel() * p.element_size() for p in model.parameters())}
-    rss = _rss_mb()
+    rss = peak_rss_mb()
     print(json.dumps({"mode": mode, **counts, "peak_rss_mb": round(rss), "seconds": round(time.time() - t0, 1)}))
 
 

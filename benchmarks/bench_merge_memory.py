@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -21,15 +20,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _memory import peak_rss_mb  # noqa: E402
 
 
-def _rss_mb() -> float:
-    """This process's peak RSS (VmHWM belongs to the process's own address space, so unlike ru_maxrss it
-    does not include the parent's memory at fork time)."""
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def build(work: Path, layers: int, hidden: int, inter: int, vocab: int, experts: int, shard_mb: int) -> None:
@@ -123,7 +118,7 @@ def child(mode: str, work: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(str(work / "base"), dtype=torch.bfloat16)
         model = PeftModel.from_pretrained(model, str(work / "adapter")).merge_and_unload()
         model.save_pretrained(str(work / "peft"), max_shard_size="200MB")
-    print(json.dumps({"mode": mode, "peak_rss_mb": round(_rss_mb(), 1), "seconds": round(time.time() - t0, 1)}))
+    print(json.dumps({"mode": mode, "peak_rss_mb": round(peak_rss_mb(), 1), "seconds": round(time.time() - t0, 1)}))
 
 
 def run_child(mode: str, work: Path) -> dict:
