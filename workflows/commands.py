@@ -1,6 +1,109 @@
-"""Commands of this stage for `graft` (see common/cli.py)."""
+"""`graft run` and `graft status`: run a workflow TOML stage by stage, and show where it stands."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
 from common.cli import Groups
+from common.io import MANIFEST, is_complete
+
+RUN_HELP = """\
+Run a workflow: one TOML table per stage, run in file order.
+
+A stage whose config and inputs are unchanged since it finished is skipped. A changed stage
+re-runs, and so does everything downstream of it. An interrupted stage resumes (corpus
+preparation, training) or restarts cleanly; just run the same command again.
+State is kept in {runs}/{name}/.graft-state.json; each stage's manifest.json records its
+config, input hashes and duration. See docs/workflows.md for the file format.
+
+Examples:
+  graft run workflows/demo.toml                     # the bundled demo (also: plain `graft run`), CPU only
+  graft run workflows/demo.toml --to vocab_merge    # only the tokenizer stages
+  graft run workflows/demo.toml --force train       # re-run training and what follows
+  graft status workflows/demo.toml
+"""
+
+STATUS_HELP = """\
+Show each stage of a workflow: its state (done, stale, pending, failed, running), why,
+its output folder, how long it took and its key figures. Runs nothing.
+"""
+
+
+def _resolve_workflow_path(arg: str) -> Path:
+    """A path, or the name of a bundled workflow (`demo`, `chinese-mixtral`)."""
+    p = Path(arg)
+    if p.exists():
+        return p
+    bundled = Path(__file__).parent / (arg if arg.endswith(".toml") else f"{arg}.toml")
+    if not p.suffix and bundled.is_file():
+        return bundled
+    if bundled.is_file() and p.name == bundled.name:
+        return bundled
+    return p
+
+
+def _run(ns: argparse.Namespace) -> None:
+    from workflows.engine import run_workflow
+    from workflows.spec import load_workflow
+
+    wf = load_workflow(_resolve_workflow_path(ns.workflow), runs=ns.runs)
+    run_workflow(wf, from_stage=ns.from_stage, to_stage=ns.to_stage, force=ns.force or [])
+
+
+def status_rows(workflow: str | Path, runs: str | None = None) -> list[dict]:
+    from common.io import read_json
+    from workflows.engine import State, _fmt_s, plan
+    from workflows.figures import key_figures
+    from workflows.spec import load_workflow
+
+    wf = load_workflow(_resolve_workflow_path(str(workflow)), runs=runs)
+    rows = []
+    for st in plan(wf, State(wf)):
+        m = read_json(st.stage.out / MANIFEST) if is_complete(st.stage.out) else {}
+        rows.append({"stage": st.stage.name, "kind": st.stage.kind.name, "state": st.state, "why": st.reason,
+                     "out": str(st.stage.out), "duration_s": st.duration_s,
+                     "duration": _fmt_s(st.duration_s), "figures": key_figures(st.stage.kind.name, m) if m else ""})
+    return rows
+
+
+def _status(ns: argparse.Namespace) -> None:
+    rows = status_rows(ns.workflow, ns.runs)
+    if ns.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+    cols = [("STAGE", "stage"), ("KIND", "kind"), ("STATE", "state"), ("DURATION", "duration"),
+            ("OUTPUT", "out"), ("KEY FIGURES / WHY", "figures")]
+    table = [[h for h, _ in cols]]
+    for r in rows:
+        extra = r["figures"] if r["state"] == "done" else r["why"]
+        table.append([r["stage"], r["kind"], r["state"], r["duration"], r["out"], extra])
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols) - 1)]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+    done = sum(r["state"] == "done" for r in rows)
+    print(f"\n{done}/{len(rows)} stages done." + ("" if done == len(rows) else
+                                                  " Run `graft run` on the same file to bring the rest up to date."))
 
 
 def register(groups: Groups) -> None:
-    """Declare this package's commands; filled in by the stage's issue."""
+    top = groups.subparsers(())
+    p = top.add_parser("run", help="run a workflow TOML, skipping unchanged stages and resuming interrupted ones",
+                       description=RUN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("workflow", metavar="WORKFLOW.toml", nargs="?", default="demo",
+                   help="workflow file, or a bundled name: demo (the default), chinese-mixtral")
+    p.add_argument("--from", dest="from_stage", metavar="STAGE",
+                   help="start at STAGE; earlier stages are not run and their existing outputs are used")
+    p.add_argument("--to", dest="to_stage", metavar="STAGE", help="stop after STAGE")
+    p.add_argument("--force", action="append", metavar="STAGE",
+                   help="re-run STAGE even if unchanged (and, as a result, everything downstream); repeatable")
+    p.add_argument("--runs", metavar="DIR", help="override [workflow] runs: the folder for default stage outputs")
+    p.set_defaults(_run=_run)
+
+    s = top.add_parser("status", help="show each stage's state, duration and key figures",
+                       description=STATUS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("workflow", metavar="WORKFLOW.toml", nargs="?", default="demo",
+                   help="workflow file, or a bundled name: demo (the default), chinese-mixtral")
+    s.add_argument("--runs", metavar="DIR", help="as for graft run")
+    s.add_argument("--json", action="store_true", help="print the rows as JSON")
+    s.set_defaults(_run=_status)

@@ -1,0 +1,49 @@
+"""`vocab.pick` stage: choose a candidate from a `vocab score` folder into a folder of its own.
+
+`graft vocab pick` records its choice inside the score folder; a workflow stage needs its own
+output folder instead, so that changing `size`/`chars` re-runs only the pick and what follows
+(merge, embed init, ...) without re-scoring. The choice itself is analysis.knee.choose.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.io import atomic_path, write_manifest
+
+
+@dataclass
+class PickStageConfig:
+    """Choose the candidate vocabulary: the knee of the ALP curves (or `size`/`chars`), best ALP there."""
+
+    scores: str = field(metadata={"help": "folder written by `graft vocab score`"})
+    out: str = field(metadata={"help": "output folder: the chosen .model + manifest.json (key 'pick')"})
+    size: int = field(default=0, metadata={"help": "take this size instead of the knee (0 = knee)"})
+    chars: int = field(default=0, metadata={"help": "only this chars curve (0 = all)"})
+
+
+def pick_stage(cfg: PickStageConfig) -> Path:
+    from analysis.knee import choose
+    from analysis.pick import read_scores
+
+    started = time.time()
+    scores, _ = read_scores(cfg.scores)
+    result = choose(scores["rows"], size=cfg.size or None, chars=cfg.chars or None)
+    pick = dict(result["pick"])
+    src = Path(pick["path"])
+    if not src.is_absolute():
+        src = Path(cfg.scores) / src
+    out = Path(cfg.out)
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        shutil.copyfile(src, tmp / "chosen.model")
+        pick["source"] = str(src)
+        pick["path"] = str((out / "chosen.model").resolve())
+        print(f"pick: chars {pick['chars']}, size {pick['size']} (knee {result['knee']['method']} at "
+              f"{result['knee']['size']}) -> {pick['path']}")
+        write_manifest(tmp, stage="vocab.pick", config=cfg, started=started, inputs={"scores": cfg.scores},
+                       counts={"chars": pick["chars"], "size": pick["size"], "alp": pick.get("alp")},
+                       pick=pick, knee=result["knee"])
+    return out

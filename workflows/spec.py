@@ -1,0 +1,500 @@
+"""Read and validate a workflow TOML file.
+
+Format (see docs/workflows.md):
+
+    [workflow]
+    name = "demo"              # default: the file name without .toml
+    runs = "runs"              # stage outputs default to {runs}/{name}/{stage}
+
+    [vocab_train]              # one table per stage; the table name is the stage name
+    kind = "vocab.train"       # default: the table name with '_' -> '.' when that is a known kind
+    inputs = ["@corpora/zh_news.jsonl"]   # '@stage' = that stage's output folder, '@stage/a/b' a path in it
+    chars = [2000, 3000]
+
+    [vocab_merge]
+    base = "@base_model"
+    add = "@vocab_score#pick.path"         # '@stage#a.b' = a value from that stage's manifest.json
+    # out = "somewhere/else"               # optional; the stage's output folder
+
+Every other key is a field of the stage's config dataclass: unknown keys, wrong types and
+missing required keys are errors that name the file, the stage table and the key.
+Relative paths are relative to the current directory. `@@text` is the literal string `@text`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.errors import GraftError, input_error
+from workflows.registry import KINDS, StageKind, resolve_kind
+
+RESERVED = ("kind", "after", "launch")
+_REF = re.compile(r"^@(?P<stage>[A-Za-z0-9_.\-]+)(?:(?P<path>/.*)|#(?P<key>.+))?$")
+# A reference inside a longer string, e.g. spec = "1:{@prep_zh}, 2:{@prep_en}".
+_EMBEDDED = re.compile(r"\{(@[A-Za-z0-9_.\-]+(?:/[^{}#]*|#[^{}]+)?)\}")
+_STAGE_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+@dataclass
+class Ref:
+    """A reference to an earlier stage: its folder, a path inside it, or a manifest value."""
+
+    stage: str
+    path: str | None = None  # relative path inside the stage's output folder
+    key: str | None = None  # dotted key into the stage's manifest.json
+
+    def text(self) -> str:
+        return f"@{self.stage}" + (self.path or "") + (f"#{self.key}" if self.key else "")
+
+
+@dataclass
+class Stage:
+    name: str
+    kind: StageKind
+    values: dict[str, Any]  # as written in the TOML (references still as strings)
+    out: Path
+    deps: list[str] = field(default_factory=list)  # earlier stages this one reads, in file order
+    index: int = 0
+    launch: Any = None  # workflows.launch.LaunchSpec
+
+    @property
+    def config_class(self) -> type:
+        return self.kind.config_class()
+
+
+@dataclass
+class Workflow:
+    path: Path
+    name: str
+    runs: Path
+    stages: list[Stage]
+    description: str = ""
+
+    @property
+    def home(self) -> Path:
+        """Folder for the workflow's state file and lock."""
+        return self.runs / self.name
+
+    def stage(self, name: str) -> Stage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise GraftError(f"{self.path}: no stage named {name!r}. Fix: use one of "
+                         f"{', '.join(s.name for s in self.stages)}")
+
+    def downstream(self, name: str) -> set[str]:
+        """`name` and every stage that reads it, directly or not."""
+        out = {name}
+        for s in self.stages:
+            if any(d in out for d in s.deps):
+                out.add(s.name)
+        return out
+
+
+def parse_ref(value: Any) -> Ref | None:
+    if not isinstance(value, str) or not value.startswith("@") or value.startswith("@@"):
+        return None
+    m = _REF.match(value)
+    if not m:
+        return None
+    path = m.group("path")
+    return Ref(m.group("stage"), path=path if path and path != "/" else None, key=m.group("key"))
+
+
+def refs_in(value: Any) -> list[str]:
+    """Every reference in `value` (whole-string ones and '{@...}' ones inside strings)."""
+    out = []
+    for s in iter_strings(value):
+        if parse_ref(s) is not None:
+            out.append(s)
+        elif "{@" in s:
+            out.extend(m.group(1) for m in _EMBEDDED.finditer(s))
+    return out
+
+
+def iter_strings(value: Any):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for v in value:
+            yield from iter_strings(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from iter_strings(v)
+
+
+# ---------------------------------------------------------------- types
+
+def type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin in (list, tuple, set, frozenset) or origin is typing.Sequence:
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return f"list of {type_name(args[0])}" if args else "list"
+    if origin is dict:
+        return "table"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if tp is Path:
+        return "path (str)"
+    if tp is Any:
+        return "any value"
+    return getattr(tp, "__name__", str(tp))
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def coerce(value: Any, tp: Any, allow_refs: bool = False) -> Any:
+    """Check `value` (from TOML) against the annotation `tp` and convert it (int->float, str->Path).
+
+    With `allow_refs`, an '@stage...' string is accepted where a string or path is expected, and
+    an '@stage#key' string anywhere (it is checked again once resolved). Raises _Mismatch.
+    """
+    if allow_refs and (ref := parse_ref(value)) is not None:
+        if ref.key is not None or _accepts_str(tp):
+            return value
+        raise _Mismatch
+    if tp is Any or tp is typing.Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, allow_refs)
+            except _Mismatch:
+                pass
+        raise _Mismatch
+    if origin is typing.Literal:
+        if any(value == a and type(value) is type(a) for a in typing.get_args(tp)):
+            return value
+        raise _Mismatch
+    if origin in (list, tuple, set, frozenset) or origin is typing.Sequence or tp in (list, tuple):
+        if not isinstance(value, list):
+            raise _Mismatch
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        items = [coerce(v, args[0], allow_refs) if args else v for v in value]
+        return tuple(items) if (origin is tuple or tp is tuple) else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise _Mismatch
+        args = typing.get_args(tp)
+        return {k: coerce(v, args[1], allow_refs) if args else v for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _Mismatch
+    # While validating (allow_refs) strings stay as written, '@@' escapes included; they are
+    # unescaped and turned into paths when the config is built.
+    if tp is str:
+        if isinstance(value, str):
+            return value if allow_refs else _unescape(value)
+        raise _Mismatch
+    if tp is Path:
+        if isinstance(value, str):
+            return value if allow_refs else Path(_unescape(value))
+        raise _Mismatch
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise _Mismatch
+
+
+def _unescape(s: str) -> str:
+    return s[1:] if s.startswith("@@") else s
+
+
+def _accepts_str(tp: Any) -> bool:
+    if tp in (str, Path, Any, typing.Any):
+        return True
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_accepts_str(a) for a in typing.get_args(tp))
+    return False
+
+
+def _describe(value: Any) -> str:
+    kind = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array",
+            dict: "table"}.get(type(value), type(value).__name__)
+    text = repr(value)
+    return f"{kind} {text if len(text) < 60 else text[:57] + '...'}"
+
+
+def config_fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls) if f.init}
+
+
+# ---------------------------------------------------------------- loading
+
+def load_workflow(path: str | Path, runs: str | Path | None = None) -> Workflow:
+    """Parse and validate `path`; every problem found is reported at once."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise input_error(path, "workflow file not found", "check the path (bundled examples are in workflows/)") from None
+    except tomllib.TOMLDecodeError as e:
+        raise input_error(path, f"invalid TOML: {e}", "fix the syntax at that line") from None
+    except UnicodeDecodeError:
+        raise input_error(path, "not UTF-8 text", "save the workflow as UTF-8") from None
+    return build_workflow(raw, path, runs)
+
+
+def build_workflow(raw: dict[str, Any], path: Path, runs: str | Path | None = None) -> Workflow:
+    errors: list[str] = []
+    head = raw.get("workflow", {})
+    if not isinstance(head, dict):
+        raise input_error(path, "'workflow' must be a table ([workflow])", "write [workflow] name = \"...\"")
+    for k in head:
+        if k not in ("name", "runs", "description"):
+            errors.append(f"[workflow] unknown key {k!r}{_suggest(k, ['name', 'runs', 'description'])}")
+    name = head.get("name", path.stem)
+    if not isinstance(name, str) or not _STAGE_NAME.match(name):
+        errors.append(f"[workflow] key 'name': expected a name of letters, digits, '_' or '-', got {_describe(name)}")
+        name = path.stem
+    runs_dir = head.get("runs", "runs")
+    if not isinstance(runs_dir, str):
+        errors.append(f"[workflow] key 'runs': expected str, got {_describe(runs_dir)}")
+        runs_dir = "runs"
+    runs_path = Path(runs) if runs is not None else Path(runs_dir)
+    description = head.get("description", "")
+
+    stages: list[Stage] = []
+    seen: dict[str, Stage] = {}
+    for sname, table in raw.items():
+        if sname == "workflow":
+            continue
+        where = f"[{sname}]"
+        if not isinstance(table, dict):
+            errors.append(f"top-level key {sname!r} is not a stage table. Fix: put settings inside a "
+                          f"[stage] table (or [workflow])")
+            continue
+        if not _STAGE_NAME.match(sname):
+            errors.append(f"{where} stage names may only use letters, digits, '_' and '-'")
+            continue
+        kind_name = table.get("kind")
+        if kind_name is None:
+            for guess in (sname, sname.replace("_", ".", 1)):
+                if guess in KINDS:
+                    kind_name = guess
+                    break
+            else:
+                if table and all(isinstance(v, dict) for v in table.values()):
+                    sub = next(iter(table))
+                    errors.append(f"[{sname}.{sub}]: a dotted table name makes nested tables. Fix: name the "
+                                  f"stage [{sname}_{sub}] (references may still say @{sname}.{sub})")
+                else:
+                    errors.append(f"{where} missing key 'kind'. Fix: add kind = \"...\" (one of {', '.join(KINDS)})")
+                continue
+        if not isinstance(kind_name, str):
+            errors.append(f"{where} key 'kind': expected str, got {_describe(kind_name)}")
+            continue
+        try:
+            kind = resolve_kind(kind_name, where)
+            fields = config_fields(kind.config_class())
+        except GraftError as e:
+            errors.append(str(e))
+            continue
+        values: dict[str, Any] = {}
+        for key, value in table.items():
+            if key in RESERVED:
+                continue
+            if key not in fields:
+                valid = sorted(fields) + list(RESERVED)
+                errors.append(f"{where} unknown key {key!r} for kind {kind.name!r}{_suggest(key, valid)}. "
+                              f"Valid keys: {', '.join(valid)}")
+                continue
+            f, tp = fields[key]
+            try:
+                values[key] = coerce(value, tp, allow_refs=True)
+            except _Mismatch:
+                errors.append(f"{where} key {key!r}: expected {type_name(tp)}, got {_describe(value)}")
+        for key, (f, tp) in fields.items():
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if required and key not in table and key != kind.out_field:
+                help_ = f.metadata.get("help", "")
+                errors.append(f"{where} missing required key {key!r}" + (f" ({help_})" if help_ else ""))
+        if kind.out_field not in fields:
+            errors.append(f"{where} kind {kind.name!r} has no output field {kind.out_field!r}")
+            continue
+        out_value = table.get(kind.out_field)
+        if parse_ref(out_value) is not None:
+            errors.append(f"{where} key {kind.out_field!r}: the output folder cannot be a reference")
+            continue
+        out = Path(_unescape(out_value)) if isinstance(out_value, str) else runs_path / name / sname
+
+        launch = _launch_spec(table.get("launch", {}), kind.name, where, errors)
+        deps: list[str] = []
+        after = table.get("after", [])
+        if not (isinstance(after, list) and all(isinstance(a, str) for a in after)):
+            errors.append(f"{where} key 'after': expected list of stage names, got {_describe(after)}")
+            after = []
+        for target in after + refs_in(values):
+            ref_stage = target if not target.startswith("@") else parse_ref(target).stage
+            resolved = _find_stage(ref_stage, seen)
+            if resolved is None:
+                later = ref_stage in raw or ref_stage.replace(".", "_") in raw
+                errors.append(f"{where} {target!r} names {'a later' if later else 'no'} stage. Fix: refer "
+                              "to a stage defined above this one" +
+                              (f" ({', '.join(seen)})" if seen else ""))
+            elif resolved not in deps:
+                deps.append(resolved)
+        _check_values(kind, fields, values, where, errors)
+        stage = Stage(sname, kind, values, out, sorted(deps, key=lambda d: seen[d].index), len(stages), launch)
+        stages.append(stage)
+        seen[sname] = stage
+    outs: dict[Path, str] = {}
+    for s in stages:
+        key = s.out.resolve()
+        if key in outs:
+            errors.append(f"[{s.name}] output folder {s.out} is also the output of [{outs[key]}]. Fix: give each "
+                          "stage its own out")
+        outs[key] = s.name
+    if not stages and not errors:
+        errors.append("no stage tables. Fix: add one table per stage, e.g. [vocab_train] with kind = \"vocab.train\"")
+    if errors:
+        raise GraftError(f"{path}: invalid workflow:\n  " + "\n  ".join(errors))
+    return Workflow(path, name, runs_path, stages, description)
+
+
+def _check_values(kind: StageKind, fields: dict, values: dict[str, Any], where: str, errors: list[str]) -> None:
+    """Build the config once with placeholder paths, so that its own checks (__post_init__,
+    validate()) report bad values now rather than when the stage is reached hours later."""
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if any(parse_ref(r) is not None and parse_ref(r).key for r in refs_in(value)):
+            continue  # a manifest value: unknown until the stage it names has run
+        placeholder = resolve_value(value, _Placeholders(), lambda name: {})
+        try:
+            kwargs[key] = coerce(placeholder, fields[key][1])
+        except _Mismatch:
+            return
+    if kind.out_field in fields:
+        kwargs[kind.out_field] = kwargs.get(kind.out_field, "out")
+    try:
+        cfg = kind.config_class()(**kwargs)
+        if callable(getattr(cfg, "validate", None)):
+            cfg.validate()
+    except GraftError as e:
+        errors.append(f"{where} {e}")
+    except (TypeError, ValueError):
+        pass  # e.g. a required field given as a manifest reference; checked when the stage runs
+
+
+class _Placeholders(dict):
+    """Stand-in output folders for references while validating."""
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+    def __getitem__(self, key: str) -> Path:
+        return Path(f"<{key}>")
+
+
+def _launch_spec(table: Any, kind: str, where: str, errors: list[str]) -> Any:
+    from workflows.launch import LaunchSpec, check_launch
+
+    if not isinstance(table, dict):
+        errors.append(f"{where} key 'launch': expected a table ([{where[1:-1]}.launch]), got {_describe(table)}")
+        return LaunchSpec()
+    fields = config_fields(LaunchSpec)
+    values = {}
+    for key, value in table.items():
+        if key not in fields:
+            errors.append(f"{where} launch: unknown key {key!r}{_suggest(key, list(fields))}. Valid keys: "
+                          f"{', '.join(fields)}")
+            continue
+        try:
+            values[key] = coerce(value, fields[key][1])
+        except _Mismatch:
+            errors.append(f"{where} launch key {key!r}: expected {type_name(fields[key][1])}, got {_describe(value)}")
+    spec = LaunchSpec(**values)
+    try:
+        check_launch(kind, spec)
+    except GraftError as e:
+        errors.append(f"{where} launch: {e}")
+    return spec
+
+
+def _find_stage(name: str, seen: dict[str, Stage]) -> str | None:
+    for candidate in (name, name.replace(".", "_")):
+        if candidate in seen:
+            return candidate
+    return None
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# ---------------------------------------------------------------- resolution
+
+def resolve_value(value: Any, outputs: dict[str, Path], manifest_of) -> Any:
+    """Replace references in `value` by paths or manifest values (strings stay strings)."""
+    if isinstance(value, list):
+        return [resolve_value(v, outputs, manifest_of) for v in value]
+    if isinstance(value, dict):
+        return {k: resolve_value(v, outputs, manifest_of) for k, v in value.items()}
+    ref = parse_ref(value)
+    if ref is None:
+        if isinstance(value, str) and "{@" in value:
+            return _EMBEDDED.sub(lambda m: str(resolve_value(m.group(1), outputs, manifest_of)), value)
+        return value
+    stage = ref.stage if ref.stage in outputs else ref.stage.replace(".", "_")
+    folder = outputs[stage]
+    if ref.key is not None:
+        obj: Any = manifest_of(stage)
+        for part in ref.key.split("."):
+            if isinstance(obj, list) and part.isdigit() and int(part) < len(obj):
+                obj = obj[int(part)]
+            elif isinstance(obj, dict) and part in obj:
+                obj = obj[part]
+            else:
+                raise input_error(folder / "manifest.json", f"no key {ref.key!r} (needed by {value!r})",
+                                  f"check the key, or re-run stage {stage!r}")
+        return obj
+    return str(folder / ref.path.lstrip("/")) if ref.path else str(folder)
+
+
+def build_config(stage: Stage, outputs: dict[str, Path], manifest_of) -> Any:
+    """The stage's config dataclass with references resolved and the output folder set."""
+    fields = config_fields(stage.config_class)
+    kwargs = {}
+    for key, value in stage.values.items():
+        resolved = resolve_value(value, outputs, manifest_of)
+        tp = fields[key][1]
+        try:
+            kwargs[key] = coerce(resolved, tp)
+        except _Mismatch:
+            raise GraftError(f"[{stage.name}] key {key!r}: {value!r} resolved to {_describe(resolved)}, "
+                             f"but {type_name(tp)} is expected. Fix: point the reference at another key") from None
+    out_tp = fields[stage.kind.out_field][1]
+    kwargs[stage.kind.out_field] = stage.out if _accepts_path(out_tp) else str(stage.out)
+    return stage.config_class(**kwargs)
+
+
+def _accepts_path(tp: Any) -> bool:
+    if tp is Path:
+        return True
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return Path in typing.get_args(tp)
+    return False
