@@ -137,6 +137,9 @@ class NestedCounter:
             vec[sym] = c
         self._base = vec
         self._events = events
+        # self.symbols is complete now (only _truncation_states adds to it): per-symbol tables for candidate_vector
+        self._rank_arr = np.array([self.rank.get(s, 0) if len(s) > 1 else 0 for s in self.symbols], dtype=np.int64)
+        self._char_ids = [i for i, s in enumerate(self.symbols) if len(s) == 1]
 
     def _sym(self, s: str) -> int:
         i = self._index.get(s)
@@ -179,8 +182,6 @@ class NestedCounter:
         """{K: counts over `self.symbols`} for each merge count K, before per-candidate byte fallback."""
         out: dict[int, np.ndarray] = {}
         cur = self._base.copy()
-        if len(cur) < len(self.symbols):
-            cur = np.pad(cur, (0, len(self.symbols) - len(cur)))
         j = 0
         for k in sorted(set(ks)):
             while j < len(self._events) and self._events[j][0] <= k:
@@ -200,7 +201,6 @@ class NestedCounter:
         SentencePiece does for a symbol that is not in the vocabulary. The mask marks `small`'s own
         learned pieces (merges, characters, user-defined), for the "never produced" count.
         """
-        self._ensure_tables()
         counts = counts.copy()
         in_small = np.zeros(len(self.symbols), dtype=bool)
         k = len(small.merges)
@@ -220,12 +220,6 @@ class NestedCounter:
         for s in small.user_defined:
             in_small[self._index[s]] = True
         return counts, in_small
-
-    def _ensure_tables(self) -> None:
-        if getattr(self, "_rank_arr", None) is not None and len(self._rank_arr) == len(self.symbols):
-            return
-        self._rank_arr = np.array([self.rank.get(s, 0) if len(s) > 1 else 0 for s in self.symbols], dtype=np.int64)
-        self._char_ids = [i for i, s in enumerate(self.symbols) if len(s) == 1]
 
 
 def truncate_merges(proto: Any, k: int, drop_chars: Iterable[str] = ()) -> Any:

@@ -99,22 +99,22 @@ def read_candidates(candidates_dir: str | Path) -> list[dict[str, Any]]:
 def read_sample(patterns: list[str], n_samples: int, seed: int, rejects_path: Path | None,
                 field_name: str = "text") -> Sample:
     """Read every record, shuffle with the seed, keep n_samples lines (stripped)."""
-    from analysis.alp import sample_lines, script_char_counts
+    from analysis.alp import SCRIPTS, sample_lines, script_char_counts
     from corpus.readers import RejectLog, expand_inputs, iter_texts
 
+    if n_samples <= 0:  # before reading the corpus
+        raise GraftError(f"--samples must be positive, got {n_samples}. Fix: pass e.g. --samples 100000")
     files = [str(p) for p in expand_inputs(patterns)]
     rejects = RejectLog(rejects_path)
     try:
         texts = [r.text for r in iter_texts(files, field_name=field_name, rejects=rejects)]
     finally:
         rejects.close()
-    if n_samples <= 0:
-        raise GraftError(f"--samples must be positive, got {n_samples}. Fix: pass e.g. --samples 100000")
     lines = [line for line in sample_lines(texts, n_samples, seed) if line]
     if not lines:
         raise input_error(", ".join(files), f"the corpus has no usable text ({rejects.summary()})",
                           "pass files with non-empty 'text' fields (.jsonl/.parquet) or non-empty lines (.txt)")
-    script = {k: 0 for k in ("han", "latin", "digits", "other")}
+    script = dict.fromkeys(SCRIPTS, 0)
     for line in lines:
         for k, v in script_char_counts(line).items():
             script[k] += v
@@ -203,6 +203,7 @@ def _masks(pieces: list[str], types: list[int] | None):
 def score_group(cands: list[dict[str, Any]], sample: Sample, *, nested: bool, threads: int,
                 progress: bool = False) -> list[dict[str, Any]]:
     """Rows for the candidates of one `chars` value (one tokenization when they are nested)."""
+    import sentencepiece as spm
     from tqdm.auto import tqdm
 
     from analysis.nested import ModelInfo, NestedCounter, check_nested
@@ -230,8 +231,6 @@ def score_group(cands: list[dict[str, Any]], sample: Sample, *, nested: bool, th
 
     bar = tqdm(total=len(cands), desc=f"chars {cands[0]['chars']}", unit="cand", disable=not progress, leave=False)
     if fast:
-        import sentencepiece as spm
-
         sp = spm.SentencePieceProcessor(model_proto=large_proto.SerializeToString())
         counter = NestedCounter(large, sp_counts(sp, sample.lines, threads))
         by_k = counter.counts_for(len(info.merges) for _, _, info, _ in fast)
@@ -243,8 +242,6 @@ def score_group(cands: list[dict[str, Any]], sample: Sample, *, nested: bool, th
             rows.append(row)
             bar.update()
     for c, proto, info, reason in direct:
-        import sentencepiece as spm
-
         sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
         counts = sp_counts(sp, sample.lines, threads)
         classes, byte_mask, learned = _masks(info.pieces, info.types)
@@ -360,7 +357,7 @@ def scores_markdown(info: dict[str, Any]) -> str:
         "# Vocabulary candidates: ALP and compression", "",
         f"Sample: {s['lines']} lines, {s['chars']} characters, {s['bytes']} bytes (seed {s['seed']}; "
         f"{s['rejected']} records rejected) from {', '.join(s['files'])}.",
-        f"Characters by script: " + ", ".join(f"{k} {v}" for k, v in s["script_chars"].items()) + ".", "",
+        "Characters by script: " + ", ".join(f"{k} {v}" for k, v in s["script_chars"].items()) + ".", "",
         "ALP = (1/lines) * sum over tokens of ln p(token), p = unigram frequency on the same sample "
         "(VoCapXLM compute_alp); higher is better. Rényi efficiency: alpha 2.5, log2 base, observed types.", "",
         f"Knee ({knee['method']}): size {knee['size']}. **Pick: chars {pick['chars']}, size {pick['size']}** "

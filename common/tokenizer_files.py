@@ -154,9 +154,9 @@ def load_fast_tokenizer(path: str | Path) -> Any:
     if not path.exists():
         raise input_error(path, "file not found", "check the path")
     if path.is_file() and path.suffix == ".json":
-        _read_bytes(path)
+        data = _read_bytes(path)  # read once: its errors name the file
         try:
-            return Tokenizer.from_file(str(path))
+            return Tokenizer.from_str(data.decode("utf-8"))
         except Exception as e:
             raise input_error(path, f"not a Hugging Face tokenizer.json ({str(e)[:200]})",
                               "re-export it with `tokenizer.save_pretrained(DIR)` or `graft vocab merge`") from None

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import GraftError
+from common.io import read_json
 from common.tokenizer_files import CONTROL, NORMAL, load_fast_tokenizer, load_model_proto, load_sentencepiece
 
 # Always checked for losslessness and fast/slow agreement, whatever the corpus.
@@ -98,9 +99,7 @@ def check_tokenizer(cfg: CheckConfig) -> dict[str, Any]:
     if not folder.is_dir() or not (folder / "tokenizer.model").is_file() or not (folder / "tokenizer.json").is_file():
         raise GraftError(f"{folder}: not a merged tokenizer folder (needs tokenizer.model and tokenizer.json). "
                          "Fix: pass the --out folder of `graft vocab merge`")
-    manifest = {}
-    if (folder / "manifest.json").is_file():
-        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    manifest = read_json(folder / "manifest.json") if (folder / "manifest.json").is_file() else {}
     script_name = cfg.script or manifest.get("config", {}).get("script") or "Han"
     script = ScriptFilter(script_name)
     base = load_model_proto(cfg.base)
@@ -138,15 +137,15 @@ def check_tokenizer(cfg: CheckConfig) -> dict[str, Any]:
         if kind == "non_target" and ids != base_ids:
             non_target_changed += 1
             examples["non_target_changed"].append(line[:80])
+        fast_ids = fast.encode(line, add_special_tokens=False).ids
         if any(c in line for c in control_text):
             skipped_control += 1  # HF matches literal "<s>" as the control token; sentencepiece does not
-        elif fast.encode(line, add_special_tokens=False).ids != ids:
+        elif fast_ids != ids:
             fast_mismatch += 1
             examples["fast_mismatch"].append(line[:80])
         if "\u2581" in line:
             metaspace_lines += 1  # "▁" means space to SentencePiece: it decodes to " " with the base too
-        elif sp.decode(ids) != line or fast.decode(fast.encode(line, add_special_tokens=False).ids,
-                                                 skip_special_tokens=False) != line:
+        elif sp.decode(ids) != line or fast.decode(fast_ids, skip_special_tokens=False) != line:
             lossy += 1
             examples["lossy"].append(line[:80])
     # sentencepiece puts the dummy-prefix "▁" before a special token; the token itself must be one id

@@ -26,7 +26,7 @@ from typing import Any
 
 from common.errors import GraftError, input_error
 from common.io import atomic_path, write_manifest
-from common.tokenizer_files import NORMAL, USER_DEFINED, load_model_proto, require_bpe, sentencepiece_to_fast
+from common.tokenizer_files import CONTROL, NORMAL, UNKNOWN, USER_DEFINED, load_model_proto, require_bpe, sentencepiece_to_fast
 from vocab.bpe import bpe_segment
 
 # Base scores below this are not merge ranks (Mixtral's whitespace-run pieces score -1e9).
@@ -104,14 +104,6 @@ def plan_additions(base, cand, script_name: str = "Han") -> Plan:
         scores[piece] = next_score
         next_score -= 1.0
 
-    # New characters go last, as in a trained model (their scores do not matter: a single character is
-    # never the result of a merge).
-    seen_chars = set()
-    char_entries = []
-    for ch in new_chars:
-        if ch not in seen_chars:
-            seen_chars.add(ch)
-            char_entries.append(ch)
     added = set()
     for piece in wanted:
         if piece in added:
@@ -130,7 +122,9 @@ def plan_additions(base, cand, script_name: str = "Han") -> Plan:
         added.add(piece)
         counts["added_merges"] += 1
         assert bpe_segment(piece, scores) == [piece], piece
-    for ch in char_entries:
+    # New characters go last, as in a trained model (their scores do not matter: a single character is
+    # never the result of a merge); each once, in first-seen order.
+    for ch in dict.fromkeys(new_chars):
         take(ch, "char")
         counts["added_chars"] += 1
     counts["added_total"] = len(out)
@@ -202,7 +196,7 @@ def _hf_configs(base_path: Path, merged, special: list[str]) -> tuple[dict, dict
                               "fix or remove it", line=e.lineno) from None
     decoder = {}
     for i, p in enumerate(merged.pieces):
-        if p.type in (2, 3) or (p.type == USER_DEFINED):
+        if p.type in (UNKNOWN, CONTROL, USER_DEFINED):
             decoder[str(i)] = {"content": p.piece, "lstrip": False, "normalized": False, "rstrip": False,
                                "single_word": False, "special": p.type != USER_DEFINED or p.piece in special}
     extra = [t for t in config.get("additional_special_tokens", []) if isinstance(t, str)]
