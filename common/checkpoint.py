@@ -363,25 +363,24 @@ def rewrite_checkpoint(src: Checkpoint, out_dir: str | Path, plan: Mapping[str, 
     extra = [n for n in plan if not src.has(n)]
     if extra and not src.sharded:
         raise GraftError(f"{src.dir}: cannot add tensors {extra} to a single-file checkpoint")
+
+    def planned(name: str) -> tuple:
+        p = plan[name]
+        return (name, p.dtype, tuple(p.shape), tensor_writer(p.produce, name, p.dtype, tuple(p.shape)))
+
     shard_entries: dict[str, list] = {}
     for shard, header in src.headers.items():
         if not any(n in plan for n in header.tensors):
             continue
-        entries = []
-        for name, info in header.tensors.items():
-            if name in plan:
-                p = plan[name]
-                entries.append((name, p.dtype, tuple(p.shape), tensor_writer(p.produce, name, p.dtype, tuple(p.shape))))
-            else:
-                entries.append((name, info.dtype, info.shape, byte_range_writer(info)))
-        shard_entries[shard] = entries
+        shard_entries[shard] = [planned(name) if name in plan else
+                                (name, info.dtype, info.shape, byte_range_writer(info))
+                                for name, info in header.tensors.items()]
     for name in extra:
         p = plan[name]
         target = p.shard or new_shard
         if target in src.headers and target not in shard_entries:
             raise GraftError(f"cannot add {name!r} to existing unchanged shard {target!r}; pick another shard name")
-        shard_entries.setdefault(target, []).append(
-            (name, p.dtype, tuple(p.shape), tensor_writer(p.produce, name, p.dtype, tuple(p.shape))))
+        shard_entries.setdefault(target, []).append(planned(name))
 
     weight_map: dict[str, str] = {}
     total = 0
@@ -390,8 +389,8 @@ def rewrite_checkpoint(src: Checkpoint, out_dir: str | Path, plan: Mapping[str, 
     for shard in tqdm(order, desc="shards", unit="shard", disable=not progress):
         if shard in shard_entries:
             entries = shard_entries[shard]
-            meta = src.headers[shard].metadata if shard in src.headers else {"format": "pt"}
-            write_shard(out / shard, entries, meta or {"format": "pt"})
+            # write_shard puts {"format": "pt"} when the source shard has no metadata (or is new).
+            write_shard(out / shard, entries, src.headers[shard].metadata if shard in src.headers else None)
             report["rewritten"].append(shard)
             names = [e[0] for e in entries]
             total += sum(math.prod(e[2]) * DTYPE_SIZES[e[1]] for e in entries)

@@ -11,8 +11,8 @@ from common.errors import GraftError
 from corpus.blocks import SPLITS
 from corpus.mix import format_table
 from corpus.readers import DEFAULT_MAX_DOC_BYTES
-from corpus.registry import DEFAULT_REGISTRY, load_registry, parse_split
-from corpus.shard import ShardJob, empty_counts, process_shard, remember_tokenizer
+from corpus.registry import DEFAULT_REGISTRY, get_dataset, load_registry, parse_split
+from corpus.shard import ShardJob, process_shard, remember_tokenizer, sum_counts
 
 
 @dataclass
@@ -45,13 +45,10 @@ def count(cfg: CountConfig) -> dict[str, dict]:
 
     if cfg.block_size < 1:
         raise GraftError(f"--block-size {cfg.block_size} must be >= 1")
-    entries = load_registry(cfg.registry)
-    if cfg.name is not None:
-        if cfg.name not in entries:
-            known = ", ".join(sorted(entries)) or "none"
-            raise GraftError(f"unknown dataset {cfg.name!r} in {cfg.registry} (registered: {known}). "
-                             f"Fix: graft corpus add {cfg.name} --files 'PATH/*.jsonl' --registry {cfg.registry}")
-        entries = {cfg.name: entries[cfg.name]}
+    if cfg.name is None:
+        entries = load_registry(cfg.registry)
+    else:
+        entries = {cfg.name: get_dataset(cfg.name, cfg.registry)}
     if cfg.tokenizer:
         from corpus.tokens import load_pack_tokenizer
 
@@ -71,14 +68,8 @@ def count(cfg: CountConfig) -> dict[str, dict]:
             progress.close()
         if failures:
             raise GraftError("; ".join(failures.values()))
-        counts, rejects = empty_counts(), {}
-        for st in done.values():
-            for s in SPLITS:
-                for k in ("documents", "characters", "tokens"):
-                    counts[s][k] += st["counts"][s][k]
-            for k, v in st["rejects"].items():
-                rejects[k] = rejects.get(k, 0) + v
-        for s in SPLITS:
+        counts, rejects = sum_counts(done.values())
+        for s in SPLITS:  # what prepare writes with --last-block drop (count jobs pack nothing)
             counts[s]["blocks"] = counts[s]["tokens"] // cfg.block_size
         results[name] = {"counts": counts, "rejects": rejects, "files": len(files)}
     print(count_table(results, with_tokens=bool(cfg.tokenizer)))

@@ -8,7 +8,6 @@ packs the leftovers into `tail/` and writes `manifest.json` (written last = comp
 """
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import time
@@ -18,11 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import GraftError
-from common.io import atomic_path, atomic_write_json, is_complete, read_json, write_manifest
+from common.io import atomic_path, atomic_write_json, is_complete, read_json, read_manifest, write_manifest
 from corpus.blocks import COMPLETIONS_DIR, PREPARE_STAGE, SHARDS_DIR, SPLITS, TAIL_DIR
 from corpus.readers import DEFAULT_MAX_DOC_BYTES, FORMATS, expand_inputs
 from corpus.registry import DEFAULT_REGISTRY, DEFAULT_SPLIT, get_dataset, parse_split, set_encoded
-from corpus.shard import REJECTS_FILE, STATS_FILE, ShardJob, process_shard, remember_tokenizer
+from corpus.shard import REJECTS_FILE, STATS_FILE, ShardJob, process_shard, remember_tokenizer, sum_counts
 
 PLAN_FILE = "plan.json"
 LAST_BLOCK = ("drop", "pad")
@@ -156,18 +155,11 @@ def prepare_one(job: ShardJob, report=None) -> dict:
     return stats
 
 
-def _finalize(cfg: PrepareConfig, r: _Resolved, tok, ids: list[str], started: float) -> dict:
+def _finalize(cfg: PrepareConfig, r: _Resolved, tok, ids: list[str], started: float, meta: dict[str, str]) -> dict:
     """Pack every shard's leftovers into tail/, gather counts and rejects, write the manifest."""
     out = r.out
     stats = [read_json(out / SHARDS_DIR / sid / STATS_FILE) for sid in ids]
-    counts = {s: {k: 0 for k in ("documents", "characters", "tokens", "blocks")} for s in SPLITS}
-    rejects: dict[str, int] = {}
-    for st in stats:
-        for s in SPLITS:
-            for k in counts[s]:
-                counts[s][k] += st["counts"][s][k]
-        for k, v in st["rejects"].items():
-            rejects[k] = rejects.get(k, 0) + v
+    counts, rejects = sum_counts(stats)
     from corpus.pack import finish_blocks, write_blocks
 
     with atomic_path(out / TAIL_DIR) as tmp:
@@ -175,7 +167,7 @@ def _finalize(cfg: PrepareConfig, r: _Resolved, tok, ids: list[str], started: fl
             left = [np.load(out / SHARDS_DIR / sid / f"leftover_{s}.npy") for sid in ids]
             left = np.concatenate(left) if left else np.empty(0, np.int32)
             blocks, padded, dropped = finish_blocks(left, cfg.block_size, cfg.last_block, _pad_id(cfg, tok))
-            write_blocks(tmp / s, blocks, cfg.block_size)
+            write_blocks(tmp / s, blocks, cfg.block_size, meta)
             counts[s]["blocks"] += len(blocks)
             counts[s]["tail_blocks"] = len(blocks)
             counts[s]["padded_tokens"] = padded
@@ -230,7 +222,7 @@ def prepare(cfg: PrepareConfig) -> Path:
             print(note)
     ids = shard_ids(r.files)
     if is_complete(r.out):
-        m = json.loads((r.out / "manifest.json").read_text(encoding="utf-8"))
+        m = read_manifest(r.out)
         print(f"{r.out} is already complete ({len(ids)} files); nothing to do.")
         print("\n".join(summary_lines(r.name, m["counts"], m.get("rejects", {}), r.out)))
         return r.out
@@ -255,12 +247,12 @@ def prepare(cfg: PrepareConfig) -> Path:
     missing = [sid for sid in ids if not done_marker(sid)]
     if not missing:
         try:
-            result = _finalize(cfg, r, tok, ids, started)
+            result = _finalize(cfg, r, tok, ids, started, meta)
         except OSError:
             # Two array tasks finishing at once both finalize; the rename race can fail one of them.
             if not is_complete(r.out):
                 raise
-            result = read_json(r.out / "manifest.json")
+            result = read_manifest(r.out)
             print("another task finalized the output at the same time")
         print("\n".join(summary_lines(r.name, result["counts"], result["rejects"], r.out)))
         print(f"wrote {r.out} (load with corpus.blocks.load_blocks)")

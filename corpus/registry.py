@@ -78,7 +78,7 @@ def load_registry(path: str | Path = DEFAULT_REGISTRY, *, must_exist: bool = Tru
         if must_exist:
             raise input_error(path, "dataset registry not found",
                               "register a dataset first: graft corpus add NAME --files 'data/*.jsonl' "
-                              f"(or pass --registry PATH)")
+                              "(or pass --registry PATH)")
         return {}
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))

@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -60,6 +61,17 @@ class ShardJob:
 
 def empty_counts() -> dict[str, dict[str, int]]:
     return {s: {"documents": 0, "characters": 0, "tokens": 0, "blocks": 0} for s in SPLITS}
+
+
+def sum_counts(stats: Iterable[dict]) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """Add up the per-split counts and per-reason rejects of several `process_shard` results."""
+    counts, rejects = empty_counts(), Counter()
+    for st in stats:
+        for s in SPLITS:
+            for k in counts[s]:
+                counts[s][k] += st["counts"][s][k]
+        rejects.update(st["rejects"])
+    return counts, dict(rejects)
 
 
 _TOKENIZERS: dict = {}

@@ -6,17 +6,17 @@ old matrix + grown matrix, one matrix at a time, whatever the model size (see co
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from common.checkpoint import (CONFIG_FILE, Checkpoint, TensorPlan, copy_side_files, open_checkpoint,
                                rewrite_checkpoint, torch_dtype)
 from common.errors import input_error
-from common.io import atomic_path, atomic_write_json, file_sha256, is_complete, write_manifest
+from common.io import MANIFEST, atomic_path, atomic_write_json, file_sha256, is_complete, read_manifest, write_manifest
 from embed_init.config import EmbedInitConfig
 from embed_init.tokens import SPECIAL, SurfaceEncoder, TokenizerPieces, check_extends, load_pieces
 
@@ -79,24 +79,12 @@ def _covariance(old, mean, chunk: int = _CHUNK_ROWS):
     return cov / old.shape[0]
 
 
-def grow_matrix(old, rows: int, n_new: int, method: str, sources: list[list[int]], *, seed: int,
-                init_range: float):
-    """Return the grown matrix: old rows copied bit for bit, new rows by `method`, padding = mean of old rows.
-
-    `old` is (n_old, hidden) in the checkpoint dtype; `sources[k]` are the old ids for new id n_old + k.
-    New rows are computed in fp32 and cast to the checkpoint dtype.
-    """
-    import torch
-
-    new = torch.empty(rows, old.shape[1], dtype=old.dtype)
-    new[:old.shape[0]] = old
-    return fill_new_rows(new, old.shape[0], n_new, method, sources, seed=seed, init_range=init_range)
-
-
 def fill_new_rows(new, n_old: int, n_new: int, method: str, sources: list[list[int]], *, seed: int,
                   init_range: float):
-    """Fill rows n_old.. of `new` in place from its first n_old rows (see `grow_matrix`); returns `new`.
+    """Fill rows n_old.. of `new` in place from its first n_old rows; returns `new`.
 
+    New rows (n_old..n_new-1) by `method`, padding rows (n_new..) = mean of the old rows. `sources[k]`
+    are the old ids for new id n_old + k. New rows are computed in fp32 and cast to the matrix dtype.
     Working in place lets the caller read the old matrix straight into `new[:n_old]`: peak memory is
     the grown matrix plus small fp32 chunks.
     """
@@ -254,9 +242,6 @@ def grow_embeddings(cfg: EmbedInitConfig) -> Path:
         config["vocab_size"] = rows
         atomic_write_json(tmp / CONFIG_FILE, config)
         tok_files = write_tokenizer(cfg.new_tokenizer, tmp)
-        counts_hist: dict[str, int] = {}
-        for ids in sources:
-            counts_hist[str(len(ids))] = counts_hist.get(str(len(ids)), 0) + 1
         special = sum(1 for i in range(n_old, n_new) if new.kinds[i] == SPECIAL)
         write_manifest(
             tmp, stage="embed_init", config=cfg, started=started,
@@ -274,7 +259,7 @@ def grow_embeddings(cfg: EmbedInitConfig) -> Path:
             # How many old pieces each new id's surface splits into (the `mean` row averages them);
             # 0 = special token or no usable piece: mean of all old rows.
             new_ids={"first": n_old, "pieces_per_new_id": [len(ids) for ids in sources],
-                     "histogram": dict(sorted(counts_hist.items(), key=lambda kv: int(kv[0])))})
+                     "histogram": {str(k): v for k, v in sorted(Counter(map(len, sources)).items())}})
     return out
 
 
@@ -284,12 +269,12 @@ def load_grown_manifest(out: str | Path) -> dict[str, Any]:
     if not is_complete(out):
         raise input_error(out, "no finished `graft embed init` output here (manifest.json missing or not done)",
                           "run `graft embed init` first (re-run it if it was interrupted)")
-    m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    m = read_manifest(out)
     if m.get("stage") != "embed_init":
-        raise input_error(out / "manifest.json", f"written by stage {m.get('stage')!r}, not embed_init",
+        raise input_error(out / MANIFEST, f"written by stage {m.get('stage')!r}, not embed_init",
                           "pass a folder written by `graft embed init`")
     return m
 
 
-__all__ = ["grow_embeddings", "grow_matrix", "fill_new_rows", "surface_sources", "find_matrices", "padded_rows", "write_tokenizer",
+__all__ = ["grow_embeddings", "fill_new_rows", "surface_sources", "find_matrices", "padded_rows", "write_tokenizer",
            "load_grown_manifest"]
