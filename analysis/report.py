@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import GraftError, input_error
-from common.io import atomic_path, is_complete, read_json, write_manifest
+from common.io import atomic_path, is_complete, read_json, read_manifest, write_manifest
 
 
 @dataclass
@@ -143,7 +143,7 @@ def _finished(folder: str, what: str) -> dict[str, Any]:
     if not is_complete(p):
         raise input_error(p, f"is not a finished {what} folder (no manifest.json with status done)",
                           f"run the {what} stage first (graft run resumes the workflow)")
-    return read_json(p / "manifest.json")
+    return read_manifest(p)
 
 
 def _copy_png(src: Path, out: Path, name: str) -> str | None:
@@ -360,7 +360,7 @@ def _stage_times(doc: Doc, cfg: ReportConfig) -> None:
     rows = []
     for label, folder in folders:
         if folder and is_complete(folder):
-            m = read_json(Path(folder) / "manifest.json")
+            m = read_manifest(folder)
             d = _duration(m)
             wf = m.get("workflow") or {}
             cpu = wf.get("cpu_s")

@@ -19,14 +19,15 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from common.checkpoint import (CONFIG_FILE, Checkpoint, TensorPlan, copy_side_files, open_checkpoint,
-                               read_shard_header, rewrite_checkpoint, safetensors_dtype)
+                               read_shard_header, rewrite_checkpoint, safetensors_dtype, torch_dtype)
 from common.errors import GraftError, input_error
 from common.io import atomic_path, atomic_write_json, is_complete, write_manifest
 from continual.config import MergeConfig
 from continual.fingerprint import base_fingerprint
+from continual.model import torch_dtype as dtype_by_name
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -35,13 +36,6 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "added_tokens.json", "chat_template.jinja")
 _PREFIX = "base_model.model."
 _FLOAT = {"F64", "F32", "F16", "BF16"}
-
-
-def _out_dtype(name: str):
-    import torch
-
-    return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-            "fp32": torch.float32, "float32": torch.float32}.get(name)
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -120,13 +114,10 @@ def plan_merge(base: Checkpoint, adapter_dir: Path, acfg: dict[str, Any], header
     def st_dtype(info) -> str:
         return safetensors_dtype(out_dtype) if (out_dtype is not None and info.dtype in _FLOAT) else info.dtype
 
-    def reader() -> Callable[[str], Any]:
-        def get(key: str):
-            with safe_open(weights, "pt") as f:
-                return f.get_tensor(key)
-        return get
+    def get_adapter(key: str):
+        with safe_open(weights, "pt") as f:
+            return f.get_tensor(key)
 
-    get_adapter = reader()
     r_default, alpha_default = int(acfg.get("r", 8)), acfg.get("lora_alpha", 8)
     for module, pair in sorted(loras.items()):
         target = module + ".weight"
@@ -151,9 +142,6 @@ def plan_merge(base: Checkpoint, adapter_dir: Path, acfg: dict[str, Any], header
         scale = alpha / math.sqrt(r) if acfg.get("use_rslora") else alpha / r
 
         def produce(target=target, pair=pair, scale=scale, dtype=st_dtype(info)):
-            import torch
-            from common.checkpoint import torch_dtype
-
             w = base.read_tensor(target).float()
             w.addmm_(get_adapter(pair["B"]).float(), get_adapter(pair["A"]).float(), alpha=scale)
             return w.to(torch_dtype(dtype)).contiguous()
@@ -172,8 +160,6 @@ def plan_merge(base: Checkpoint, adapter_dir: Path, acfg: dict[str, Any], header
                                            f"and the base has {info.shape[0]}", fix_base)
 
         def produce(key=key, dtype=st_dtype(info)):
-            from common.checkpoint import torch_dtype
-
             return get_adapter(key).to(torch_dtype(dtype)).contiguous()
 
         plan[target] = TensorPlan(info.shape, st_dtype(info), produce)
@@ -191,7 +177,6 @@ def plan_merge(base: Checkpoint, adapter_dir: Path, acfg: dict[str, Any], header
 
         def produce(target=target, key=key, idx=idx, dtype=st_dtype(info)):
             import torch
-            from common.checkpoint import torch_dtype
 
             w = base.read_tensor(target).to(torch_dtype(dtype))
             w[torch.tensor(idx)] = get_adapter(key).to(w.dtype)
@@ -205,8 +190,6 @@ def plan_merge(base: Checkpoint, adapter_dir: Path, acfg: dict[str, Any], header
             info = base.info(name)
             if name not in plan and info.dtype in _FLOAT and info.dtype != st_dtype(info):
                 def produce(name=name, dtype=st_dtype(info)):
-                    from common.checkpoint import torch_dtype
-
                     return base.read_tensor(name).to(torch_dtype(dtype)).contiguous()
 
                 plan[name] = TensorPlan(info.shape, st_dtype(info), produce)
@@ -230,7 +213,7 @@ def check_adapter_base(base: Checkpoint, info: dict[str, Any] | None, adapter_di
             what = "configuration" if have["config"] != want["config"] else "weights"
             raise input_error(adapter_dir, f"the adapter was trained on another base ({what} differ from "
                                            f"{info.get('base')})",
-                              f"pass that base as --base, or --allow-other-base if you know the weights are "
+                              "pass that base as --base, or --allow-other-base if you know the weights are "
                               "equivalent")
 
 
@@ -242,7 +225,7 @@ def merge_adapter(cfg: MergeConfig) -> Path:
     if is_complete(out):
         print(f"{out}: already complete (manifest.json); delete it to merge again")
         return out
-    out_dtype = None if cfg.dtype == "auto" else _out_dtype(cfg.dtype)
+    out_dtype = None if cfg.dtype == "auto" else dtype_by_name(cfg.dtype)
     acfg, header, info = read_adapter(adapter_dir)
     base = open_checkpoint(cfg.base)
     check_adapter_base(base, info, adapter_dir, cfg.allow_other_base)

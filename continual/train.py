@@ -5,15 +5,12 @@ continual/launch/ (DDP, DeepSpeed ZeRO-2/3, FSDP). See docs/continual.md.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import time
 from pathlib import Path
-from typing import Any
 
 from common.errors import GraftError, input_error
-from common.io import atomic_path, atomic_write_json, is_complete, write_manifest
+from common.io import atomic_path, atomic_write_json, is_complete, read_json, to_jsonable, write_manifest
 from continual import data as D
 from continual import model as M
 from continual.config import TrainConfig
@@ -43,8 +40,8 @@ def _check_resume_config(out: Path, cfg: TrainConfig) -> None:
     saved_path = out / RUN_CONFIG
     if not saved_path.is_file():
         return
-    saved = json.loads(saved_path.read_text())
-    now = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    saved = read_json(saved_path)
+    now = to_jsonable(cfg)
     diff = sorted(k for k in set(saved) | set(now) if k not in _LOGISTICS and saved.get(k) != now.get(k))
     if diff:
         raise input_error(out, f"holds a run started with other settings ({', '.join(diff)} differ)",
@@ -198,6 +195,7 @@ def train(cfg: TrainConfig) -> Path:
         logger.log(0, tokens=0, **run_eval(), elapsed_s=round(time.time() - started, 3))
 
     batches = D.micro_batches(len(train_ds), cfg.micro_batch_size, cfg.seed, micro_pos, rank, world)
+    tokens_per_step = cfg.micro_batch_size * seq_len * cfg.grad_accum * world
     bar = tqdm(total=total_steps, initial=step, disable=not (cfg.progress and main), unit="step", dynamic_ncols=True)
     model.train()
     last_dev: dict[str, float] = {}
@@ -223,11 +221,11 @@ def train(cfg: TrainConfig) -> Path:
                 aux_sum += res.aux_loss.detach().float()
         scheduler.step()
         step += 1
-        tokens += cfg.micro_batch_size * seq_len * cfg.grad_accum * world
+        tokens += tokens_per_step
         loss = float(accelerator.reduce(loss_sum, "mean")) / cfg.grad_accum
         aux = float(accelerator.reduce(aux_sum, "mean")) / cfg.grad_accum
         dt = time.perf_counter() - t0
-        tps = cfg.micro_batch_size * seq_len * cfg.grad_accum * world / dt
+        tps = tokens_per_step / dt
         if not math.isfinite(loss):
             raise GraftError(f"the loss became {loss} at step {step}. Fix: lower learning_rate/embedding_lr, or resume "
                              "from an earlier checkpoint")

@@ -136,6 +136,7 @@ def train_base(cfg: DemoBaseConfig) -> Path:
 
     from common.tiny import tiny_mixtral_config
     from common.tokenizer_files import load_fast_tokenizer
+    from continual.train import lr_lambda
     from workflows.evaluate import bits_per_byte
 
     started = time.time()
@@ -157,15 +158,8 @@ def train_base(cfg: DemoBaseConfig) -> Path:
                                experts=cfg.experts, intermediate=cfg.intermediate)
     model = MixtralForCausalLM(mcfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.95), weight_decay=0.1)
-    warmup = max(1, cfg.steps // 20)
-
-    def lr_factor(s: int) -> float:  # linear warmup, cosine down to 10%
-        if s < warmup:
-            return (s + 1) / warmup
-        progress = min(1.0, (s - warmup) / max(1, cfg.steps - warmup))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    # Linear warmup over 5% of the steps, then cosine down to 10%.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.steps, max(1, cfg.steps // 20), 0.1))
     rng = np.random.default_rng(cfg.seed)
     order = np.concatenate([rng.permutation(len(blocks)) for _ in range(
         math.ceil(cfg.steps * cfg.batch_size / len(blocks)) + 1)])

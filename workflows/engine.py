@@ -351,8 +351,12 @@ def _run(wf: Workflow, lo: int, hi: int, forced: set[str], echo: Echo) -> list[S
     ran: list[str] = []
     needed = {d for s in wf.stages[lo:hi + 1] for d in s.deps}
     trusted = {s.name for s in wf.stages[:lo]}
+    statuses: dict[str, StageStatus] = {}
+    planned_at = -1  # len(ran) when `statuses` was computed
     for i, stage in enumerate(wf.stages):
-        statuses = {s.stage.name: s for s in plan(wf, state, trusted)}
+        if planned_at != len(ran):  # only a stage that ran changes what the plan says (and it hashes every input)
+            statuses = {s.stage.name: s for s in plan(wf, state, trusted)}
+            planned_at = len(ran)
         st = statuses[stage.name]
         tag = f"[{i + 1}/{n}] {stage.name}"
         if i < lo:
@@ -426,9 +430,7 @@ def _run_stage(wf: Workflow, stage: Stage, st: StageStatus, state: State, why: s
                                 "host": socket.gethostname(), "started": started, "out": str(stage.out)}
     state.save()
     try:
-        outputs = {s.name: s.out for s in wf.stages}
-        cfg = build_config(stage, outputs, lambda name: read_json(wf.stage(name).out / MANIFEST))
-        stage.kind.fn()(cfg)
+        stage.kind.fn()(_stage_config(wf, stage))
         if not is_complete(stage.out):
             raise GraftError(f"stage {stage.name!r} ({stage.kind.name}) returned without writing "
                              f"{stage.out / MANIFEST}. This is a bug in the stage; please report it")
@@ -447,6 +449,12 @@ def _run_stage(wf: Workflow, stage: Stage, st: StageStatus, state: State, why: s
     return True
 
 
+def _stage_config(wf: Workflow, stage: Stage) -> Any:
+    """The stage's config object, with references to other stages resolved to their outputs."""
+    outputs = {s.name: s.out for s in wf.stages}
+    return build_config(stage, outputs, lambda name: read_json(wf.stage(name).out / MANIFEST))
+
+
 def _cpu_seconds() -> float:
     """User + system CPU time of this process and its finished children (stage worker processes)."""
     t = os.times()
@@ -456,9 +464,7 @@ def _cpu_seconds() -> float:
 def _submit(wf: Workflow, stage: Stage, st: StageStatus, state: State, why: str, tag: str, echo: Echo) -> bool:
     from workflows.launch import LAUNCHERS
 
-    outputs = {s.name: s.out for s in wf.stages}
-    cfg = build_config(stage, outputs, lambda name: read_json(wf.stage(name).out / MANIFEST))
-    toml_path, script = LAUNCHERS[stage.kind.name](cfg, stage.launch, wf.home, stage.name)
+    toml_path, script = LAUNCHERS[stage.kind.name](_stage_config(wf, stage), stage.launch, wf.home, stage.name)
     state.stages[stage.name] = {"state": "submitted", "fingerprint": st.fingerprint, "script": str(script),
                                 "config": str(toml_path), "started": time.time(), "out": str(stage.out)}
     state.save()

@@ -76,12 +76,8 @@ def demo_corpora(m: dict) -> str:
     return f"{len(counts)} files, {docs:,} docs, {chars:,} chars" if counts else ""
 
 
-def corpus_prepare(m: dict) -> str:
-    c = (m.get("counts") or {}).get("train") or {}
-    return _pairs({"c": c}, [("train tokens", ("c", "tokens")), ("blocks", ("c", "blocks"))]) or generic(m)
-
-
-def corpus_mix(m: dict) -> str:
+def corpus_blocks(m: dict) -> str:
+    """corpus.prepare and corpus.mix: both record their train split's tokens and blocks."""
     c = (m.get("counts") or {}).get("train") or {}
     return _pairs({"c": c}, [("train tokens", ("c", "tokens")), ("blocks", ("c", "blocks"))]) or generic(m)
 
@@ -115,8 +111,8 @@ FIGURES: dict[str, Callable[[dict], str]] = {
     "embed.init": embed_init,
     "continual.train": continual_train,
     "demo.corpora": demo_corpora,
-    "corpus.prepare": corpus_prepare,
-    "corpus.mix": corpus_mix,
+    "corpus.prepare": corpus_blocks,
+    "corpus.mix": corpus_blocks,
     "audit": audit,
     "eval.bpb": eval_bpb,
     "report": report,
