@@ -75,6 +75,13 @@ def test_merge_to_bf16(ws, full_adapter, tmp_path):
     assert (_logits(out, ids) - ref).abs().max().item() < 0.1  # bf16 rounding only
 
 
+def _plain_peft_copy(adapter, dest):
+    """The adapter without graft's record, as a plain peft folder: checked tensor by tensor."""
+    shutil.copytree(adapter, dest)
+    (dest / "graft_adapter.json").unlink()
+    return dest
+
+
 def test_adapter_for_another_vocabulary(ws, full_adapter, tmp_path):
     other = make_tiny_base(tmp_path / "base", ws["tok"])
     cfg = json.loads((other / "config.json").read_text())
@@ -85,9 +92,7 @@ def test_adapter_for_another_vocabulary(ws, full_adapter, tmp_path):
     with pytest.raises(GraftError, match=r"trained for a vocabulary of 320\d\d rows, the base .* has 32000"):
         merge_adapter(MergeConfig(base=str(small), adapter=str(full_adapter), out=str(tmp_path / "m")))
     # an adapter without graft's record (plain peft folder) is still checked tensor by tensor
-    plain = tmp_path / "plain"
-    shutil.copytree(full_adapter, plain)
-    (plain / "graft_adapter.json").unlink()
+    plain = _plain_peft_copy(full_adapter, tmp_path / "plain")
     with pytest.raises(GraftError, match=r"(lm_head|embed_tokens).weight is \[320\d\d, 64\] but the base.s is \[32000, 64\]: it was trained for a vocabulary"):
         merge_adapter(MergeConfig(base=str(small), adapter=str(plain), out=str(tmp_path / "m")))
     assert cfg["vocab_size"] > 32000
@@ -100,9 +105,7 @@ def test_adapter_for_another_base(ws, full_adapter, tmp_path):
     wider = make_tiny_base(tmp_path / "wider", ws["tok"], hidden=128)
     with pytest.raises(GraftError, match=r"another base \(configuration differ"):
         merge_adapter(MergeConfig(base=str(wider), adapter=str(full_adapter), out=str(tmp_path / "m")))
-    plain = tmp_path / "plain"
-    shutil.copytree(full_adapter, plain)
-    (plain / "graft_adapter.json").unlink()
+    plain = _plain_peft_copy(full_adapter, tmp_path / "plain")
     with pytest.raises(GraftError, match=r"LoRA of .* but the base weight is .*trained for another base"):
         merge_adapter(MergeConfig(base=str(wider), adapter=str(plain), out=str(tmp_path / "m")))
     assert not (tmp_path / "m").exists()
