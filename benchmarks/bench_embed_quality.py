@@ -32,7 +32,8 @@ def blocks(ids_per_doc: list[list[int]], bos: int, size: int) -> list[list[int]]
     return [stream[i:i + size] for i in range(0, len(stream) - size + 1, size)]
 
 
-def train_base(out: Path, train_zh, train_en, tok, steps: int, seq: int = 128, batch: int = 8, seed: int = 0) -> dict:
+def train_base(out: Path, train_zh, train_en, tok, steps: int, seq: int = 128, batch: int = 8, seed: int = 0,
+               hidden: int = 128, layers: int = 2, lr: float = 3e-3) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -42,11 +43,11 @@ def train_base(out: Path, train_zh, train_en, tok, steps: int, seq: int = 128, b
     data = blocks(zh, 1, seq) + blocks(en, 1, seq)
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(data), generator=g)
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     model = LlamaForCausalLM(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     t0 = time.time()
@@ -62,7 +63,7 @@ def train_base(out: Path, train_zh, train_en, tok, steps: int, seq: int = 128, b
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if step % 100 == 0 or step == steps - 1:
+        if step % 50 == 0 or step == steps - 1:
             print(f"  step {step:4d} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
     model.save_pretrained(out, max_shard_size="8MB", safe_serialization=True)
     return {"train_blocks": len(data), "train_tokens": len(data) * seq, "steps": steps, "seq": seq, "batch": batch,
@@ -126,6 +127,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/embed_init/bench_quality")
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--eval-docs", type=int, default=300)
     ap.add_argument("--size", type=int, default=8000, help="size of the Chinese BPE appended to the base")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
@@ -161,7 +166,8 @@ def main() -> None:
         train_info = json.loads((work / "train.json").read_text())
     else:
         print("training the base model...", flush=True)
-        train_info = train_base(base, train_zh, train_en, old_tok, args.steps)
+        train_info = train_base(base, train_zh, train_en, old_tok, args.steps, batch=args.batch,
+                                hidden=args.hidden, layers=args.layers, lr=args.lr)
         for f in old_dir.iterdir():
             shutil.copy(f, base / f.name)
         (work / "train.json").write_text(json.dumps(train_info))

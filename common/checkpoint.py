@@ -342,27 +342,35 @@ def byte_range_writer(info: TensorInfo):
 
 def rewrite_checkpoint(src: Checkpoint, out_dir: str | Path, plan: Mapping[str, TensorPlan], *,
                        link: bool = True, new_shard: str = "model-extra.safetensors",
-                       progress: bool = True) -> dict[str, Any]:
+                       move_to_new_shard: bool = False, progress: bool = True) -> dict[str, Any]:
     """Write `src`'s weights into `out_dir` with the tensors in `plan` replaced (or added).
 
     - Shards with no planned tensor are hard-linked (`link=True`, same filesystem) or copied.
     - Shards with a planned tensor are rewritten under the same file name: other tensors are copied as
       raw bytes, planned ones produced one at a time.
+    - `move_to_new_shard=True` (sharded checkpoints): planned tensors the source has are written to
+      `new_shard` instead, and their source shards are rewritten without them (dropped when nothing is
+      left), so the changed weights sit in a shard of their own.
     - Planned tensors the source lacks go to `plan[name].shard` or `new_shard`.
     - Writes `model.safetensors.index.json` (weight_map and metadata.total_size) for sharded checkpoints;
-      a single-file checkpoint stays a single `model.safetensors`.
+      a single-file checkpoint stays a single `model.safetensors` (transformers prefers that file over an
+      index, so it cannot be split next to it).
 
     Only weights are written (not config.json or tokenizer files). `out_dir` must exist; write it inside
     `common.io.atomic_path` so an interrupted run leaves nothing that looks complete.
-    Returns {"linked": [...], "copied": [...], "rewritten": [...], "total_size": N, "weight_map": {...}}.
+    Returns {"linked": [...], "copied": [...], "rewritten": [...], "new": [...], "dropped": [...],
+    "total_size": N, "weight_map": {...}}.
     """
     from tqdm import tqdm
 
     out = Path(out_dir)
-    report: dict[str, Any] = {"linked": [], "copied": [], "rewritten": []}
-    extra = [n for n in plan if not src.has(n)]
+    report: dict[str, Any] = {"linked": [], "copied": [], "rewritten": [], "new": [], "dropped": []}
+    move = move_to_new_shard and src.sharded
+    extra = [n for n in plan if not src.has(n) or move]
     if extra and not src.sharded:
         raise GraftError(f"{src.dir}: cannot add tensors {extra} to a single-file checkpoint")
+    if move and new_shard in src.headers:
+        raise GraftError(f"{src.dir}: already has a shard named {new_shard!r}; pick another new_shard name")
 
     def planned(name: str) -> tuple:
         p = plan[name]
@@ -374,7 +382,10 @@ def rewrite_checkpoint(src: Checkpoint, out_dir: str | Path, plan: Mapping[str, 
             continue
         shard_entries[shard] = [planned(name) if name in plan else
                                 (name, info.dtype, info.shape, byte_range_writer(info))
-                                for name, info in header.tensors.items()]
+                                for name, info in header.tensors.items() if not (move and name in plan)]
+        if not shard_entries[shard]:
+            del shard_entries[shard]
+            report["dropped"].append(shard)
     for name in extra:
         p = plan[name]
         target = p.shard or new_shard
@@ -385,13 +396,13 @@ def rewrite_checkpoint(src: Checkpoint, out_dir: str | Path, plan: Mapping[str, 
     weight_map: dict[str, str] = {}
     total = 0
     params = 0
-    order = list(src.headers) + [s for s in shard_entries if s not in src.headers]
+    order = [s for s in src.headers if s not in report["dropped"]] + [s for s in shard_entries if s not in src.headers]
     for shard in tqdm(order, desc="shards", unit="shard", disable=not progress):
         if shard in shard_entries:
             entries = shard_entries[shard]
             # write_shard puts {"format": "pt"} when the source shard has no metadata (or is new).
             write_shard(out / shard, entries, src.headers[shard].metadata if shard in src.headers else None)
-            report["rewritten"].append(shard)
+            report["rewritten" if shard in src.headers else "new"].append(shard)
             names = [e[0] for e in entries]
             total += sum(math.prod(e[2]) * DTYPE_SIZES[e[1]] for e in entries)
             params += sum(math.prod(e[2]) for e in entries)

@@ -10,9 +10,11 @@ METHODS = ("mean", "hf-mean", "random")
 class EmbedInitConfig:
     """Grow embed_tokens and lm_head of a checkpoint for a larger (extended) tokenizer.
 
-    Reads only the embedding tensors, hard-links (or copies) every other shard, writes the grown
-    tensors into rewritten shards, updates the index, config.json (vocab_size) and copies the new
-    tokenizer, so the output folder loads with AutoModelForCausalLM / AutoTokenizer.from_pretrained.
+    Reads only the embedding tensors, hard-links (or copies) every shard without them, writes the grown
+    tensors to a new shard (model-grown-embeddings.safetensors; the shards that held the old ones are
+    rewritten without them), updates the index (weight_map, total_size), config.json (vocab_size) and
+    copies the new tokenizer, so the output loads with AutoModelForCausalLM / AutoTokenizer.from_pretrained.
+    A single-file model.safetensors is rewritten as one file.
 
     Methods for each new row:
       mean     mean (in fp32) of the old rows of the pieces the OLD tokenizer splits the token's surface

@@ -1,8 +1,10 @@
 """`graft embed init`: grow embed_tokens and lm_head of a safetensors checkpoint without loading the model.
 
-Only the two embedding matrices are read. Every shard without them is hard-linked (or copied); the shards
-that hold them are rewritten tensor by tensor (other tensors copied as raw bytes), so peak memory is about
-old matrix + grown matrix, one matrix at a time, whatever the model size (see common/checkpoint.py).
+Only the two embedding matrices are read. Every shard without them is hard-linked (or copied); the grown
+matrices go to a new shard of their own (`model-grown-embeddings.safetensors`), and the shards that held the
+old ones are rewritten without them (their other tensors copied as raw bytes). Peak memory is about one grown
+matrix, one matrix at a time, whatever the model size (see common/checkpoint.py). A single-file checkpoint
+stays a single `model.safetensors`: transformers prefers that file over an index, so it cannot be split.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ LM_HEAD_NAMES = ("lm_head.weight",)
 HF_MEAN_EPSILON = 1e-9   # transformers' mean_resizing scales the covariance by this
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt")
+NEW_SHARD = "model-grown-embeddings.safetensors"
 _CHUNK_ROWS = 4096
 _MEAN_CHUNK = 1024  # new ids per vectorised step of `mean`
 
@@ -50,6 +53,15 @@ def find_matrices(ckpt: Checkpoint) -> tuple[str, str | None, bool]:
                           "lm_head.weight", "re-save the checkpoint with save_pretrained, or set "
                           "tie_word_embeddings to true if the output layer is tied")
     return embed, lm_head, tied
+
+
+def new_shard_name(ckpt: Checkpoint) -> str:
+    """File name of the shard that gets the grown matrices (one the source does not use)."""
+    name, k = NEW_SHARD, 1
+    while name in ckpt.headers:
+        k += 1
+        name = NEW_SHARD.replace(".safetensors", f"-{k}.safetensors")
+    return name
 
 
 def surface_sources(old: TokenizerPieces, new: TokenizerPieces) -> list[list[int]]:
@@ -236,7 +248,8 @@ def grow_embeddings(cfg: EmbedInitConfig) -> Path:
     _remove_stale_temps(out)
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        report = rewrite_checkpoint(ckpt, tmp, plan, link=cfg.link, progress=cfg.progress)
+        report = rewrite_checkpoint(ckpt, tmp, plan, link=cfg.link, progress=cfg.progress,
+                                    move_to_new_shard=True, new_shard=new_shard_name(ckpt))
         copy_side_files(model_dir, tmp, skip=lambda p: p.name in TOKENIZER_FILES or p.name == CONFIG_FILE)
         config = dict(ckpt.config)
         config["vocab_size"] = rows
@@ -253,9 +266,10 @@ def grow_embeddings(cfg: EmbedInitConfig) -> Path:
                     "padding_rows": rows - n_new, "special_added": special,
                     "without_old_pieces": sum(1 for ids in sources if not ids),
                     "shards_linked": len(report["linked"]), "shards_copied": len(report["copied"]),
-                    "shards_rewritten": len(report["rewritten"]), "total_size": report["total_size"]},
+                    "shards_rewritten": len(report["rewritten"]), "shards_new": len(report["new"]),
+                    "shards_dropped": len(report["dropped"]), "total_size": report["total_size"]},
             method=cfg.method, tied=tied, tensors=stats, tokenizer_files=tok_files,
-            shards={k: report[k] for k in ("linked", "copied", "rewritten")},
+            shards={k: report[k] for k in ("linked", "copied", "rewritten", "new", "dropped")},
             # How many old pieces each new id's surface splits into (the `mean` row averages them);
             # 0 = special token or no usable piece: mean of all old rows.
             new_ids={"first": n_old, "pieces_per_new_id": [len(ids) for ids in sources],

@@ -45,7 +45,8 @@ def test_rewrite_links_unchanged_and_adds_tensor(tmp_path):
     out.mkdir()
     report = rewrite_checkpoint(ckpt, out, plan, progress=False)
     copy_side_files(src, out)
-    assert report["rewritten"] == [ckpt.weight_map["model.norm.weight"], "model-extra.safetensors"]
+    assert report["rewritten"] == [ckpt.weight_map["model.norm.weight"]]
+    assert report["new"] == ["model-extra.safetensors"] and report["dropped"] == []
     assert len(report["linked"]) == len(ckpt.shards) - 1
     for s in report["linked"]:
         assert os.path.samefile(src / s, out / s)
@@ -63,6 +64,37 @@ def test_rewrite_links_unchanged_and_adds_tensor(tmp_path):
     out2 = tmp_path / "copy"
     out2.mkdir()
     assert rewrite_checkpoint(ckpt, out2, {}, link=False, progress=False)["copied"] == ckpt.shards
+
+
+def test_rewrite_moves_planned_tensors_to_their_own_shard(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    a, b, c = torch.arange(6.0).reshape(2, 3), torch.ones(5), torch.full((2, 2), 7.0)
+    save_file({"a": a, "b": b}, str(src / "s1.safetensors"))
+    save_file({"c": c}, str(src / "s2.safetensors"))  # holds only a moved tensor: dropped
+    save_file({"d": torch.zeros(3)}, str(src / "s3.safetensors"))
+    (src / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": {
+        "a": "s1.safetensors", "b": "s1.safetensors", "c": "s2.safetensors", "d": "s3.safetensors"}}))
+    (src / "config.json").write_text("{}")
+    ckpt = open_checkpoint(src)
+    plan = {"a": TensorPlan((3, 3), "F32", lambda: torch.cat([a, torch.full((1, 3), -1.0)])),
+            "c": TensorPlan((2, 2), "F32", lambda: c + 1)}
+    out = tmp_path / "out"
+    out.mkdir()
+    report = rewrite_checkpoint(ckpt, out, plan, progress=False, move_to_new_shard=True, new_shard="grown.safetensors")
+    assert (report["rewritten"], report["new"], report["dropped"], report["linked"]) == (
+        ["s1.safetensors"], ["grown.safetensors"], ["s2.safetensors"], ["s3.safetensors"])
+    assert not (out / "s2.safetensors").exists()
+    assert set(load_file(str(out / "s1.safetensors"))) == {"b"}
+    moved = load_file(str(out / "grown.safetensors"))
+    assert list(moved) == ["a", "c"] and torch.equal(moved["c"], c + 1) and torch.equal(moved["a"][:2], a)
+    idx = json.loads((out / INDEX_FILE).read_text())
+    assert idx["weight_map"] == {"a": "grown.safetensors", "b": "s1.safetensors", "c": "grown.safetensors",
+                                 "d": "s3.safetensors"}
+    copy_side_files(src, out)
+    assert idx["metadata"]["total_size"] == (9 + 5 + 4 + 3) * 4 == open_checkpoint(out).total_size
+    with pytest.raises(GraftError, match="already has a shard named 's3.safetensors'"):
+        rewrite_checkpoint(ckpt, tmp_path, plan, move_to_new_shard=True, new_shard="s3.safetensors")
 
 
 def test_header_errors(tmp_path):

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from common.checkpoint import INDEX_FILE, open_checkpoint
+from common.checkpoint import INDEX_FILE, open_checkpoint, read_shard_header
 from common.errors import GraftError
 from common.io import file_sha256, read_manifest
 from common.tiny import save_tiny_llama_tied, save_tiny_mixtral
@@ -24,7 +24,7 @@ from common.tokenizer_files import load_model_proto, sentencepiece_to_fast
 from embed_init import grow as grow_mod
 from embed_init.check import check_grown
 from embed_init.config import EmbedCheckConfig, EmbedInitConfig
-from embed_init.grow import grow_embeddings
+from embed_init.grow import NEW_SHARD, grow_embeddings
 from workflows.cli import main as graft_main
 
 N_ZH = 120
@@ -127,6 +127,16 @@ def test_mean_untied_sharded_mixtral(work, base_model_path):
     assert m["new_ids"]["pieces_per_new_id"] == [len(s) for s in work["sources"]]
     assert m["counts"]["added"] == n_new - 32000 and m["counts"]["special_added"] == 1
     assert m["counts"]["shards_linked"] >= 1  # untouched shards are hard links
+    # The grown matrices live in a new shard of their own; the shards that held them lost only them.
+    idx = json.loads((out / INDEX_FILE).read_text())
+    assert m["shards"]["new"] == [NEW_SHARD]
+    assert {n for n, f in idx["weight_map"].items() if f == NEW_SHARD} == {"model.embed_tokens.weight",
+                                                                           "lm_head.weight"}
+    src_idx = json.loads((src / INDEX_FILE).read_text())
+    assert set(idx["weight_map"]) == set(src_idx["weight_map"])
+    for f in m["shards"]["rewritten"]:
+        left = {n for n, g in src_idx["weight_map"].items() if g == f} - {"model.embed_tokens.weight", "lm_head.weight"}
+        assert set(read_shard_header(out / f).tensors) == left
     # Index and config are consistent with the shards.
     idx = json.loads((out / INDEX_FILE).read_text())
     assert idx["metadata"]["total_size"] == sum(
