@@ -1,16 +1,24 @@
 """Quality of new-row initialisation: held-out Chinese bits per byte right after growing the vocabulary.
 
-1. Train a small Llama-style model (untied lm_head) from scratch on CPU on mixed Chinese (People's Daily,
-   every 20th paragraph held out) and English (pydoc topics, every 20th paragraph held out) with
+1. Train a small Llama-style model (untied lm_head; default hidden 256, 4 layers, 19.5M parameters, 800
+   steps of 16 x 128 tokens, about 19 minutes on 2 idle cores) from scratch on mixed Chinese (People's
+   Daily, every 20th paragraph held out) and English (pydoc topics, every 20th paragraph held out) with
    Mixtral's base tokenizer.
 2. Grow the tokenizer with a Chinese BPE trained on the training paragraphs only (`graft vocab merge`).
 3. `graft embed init` with mean, hf-mean and random (and, as an ablation, the reference script's mean that
    encodes with BOS and the dummy-prefix space), then evaluate, before any further training, the loss in
    bits per byte (total NLL in bits / UTF-8 bytes: comparable across vocabularies) on held-out Chinese and
-   English, next to the base model with the base tokenizer. "new-id mass" = mean probability the model
-   puts on all new ids together at positions whose next token is an old id (0 for the base model).
+   English, next to the base model with the base tokenizer.
+4. Train each of mean, hf-mean and random for --continue-steps steps with the new tokenizer (same data
+   order, schedule and seed) and evaluate again.
 
-Usage: python benchmarks/bench_embed_quality.py [--steps 300] [--work /tmp/embed_init/bench_quality] [--keep]
+Columns: "nll new/old" = NLL per token (nats) at positions whose target is a new / an old id;
+"new-id mass" = mean probability on all new ids together at old-id targets (0 for the base model);
+"logits old/new" = median old-id logit / mean new-id logit, averaged over positions (where the new
+rows land among the old ones).
+
+Usage: python benchmarks/bench_embed_quality.py [--steps 800] [--work /tmp/embed_init/bench_quality] [--keep]
+       python benchmarks/bench_embed_quality.py --reuse --keep --size 3000   # kept base model, other vocab
 """
 from __future__ import annotations
 
@@ -32,24 +40,15 @@ def blocks(ids_per_doc: list[list[int]], bos: int, size: int) -> list[list[int]]
     return [stream[i:i + size] for i in range(0, len(stream) - size + 1, size)]
 
 
-def train_base(out: Path, train_zh, train_en, tok, steps: int, seq: int = 128, batch: int = 8, seed: int = 0,
-               hidden: int = 128, layers: int = 2, lr: float = 3e-3) -> dict:
+def train_steps(model, data: list[list[int]], steps: int, batch: int, lr: float, seed: int, warmup: int = 50) -> float:
+    """Plain AdamW training on fixed-size blocks (seeded order, cosine schedule); returns the last loss."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(seed)
-    zh = [tok.encode(t) for t in train_zh]
-    en = [tok.encode(t) for t in train_en]
-    data = blocks(zh, 1, seq) + blocks(en, 1, seq)
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(data), generator=g)
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     t0 = time.time()
     model.train()
     for step in range(steps):
@@ -65,10 +64,31 @@ def train_base(out: Path, train_zh, train_en, tok, steps: int, seq: int = 128, b
         opt.zero_grad(set_to_none=True)
         if step % 50 == 0 or step == steps - 1:
             print(f"  step {step:4d} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
+    model.eval()
+    return loss.item()
+
+
+def mixed_blocks(train_zh, train_en, tok, seq: int) -> list[list[int]]:
+    return blocks([tok.encode(t) for t in train_zh], 1, seq) + blocks([tok.encode(t) for t in train_en], 1, seq)
+
+
+def train_base(out: Path, train_zh, train_en, tok, steps: int, seq: int = 128, batch: int = 8, seed: int = 0,
+               hidden: int = 128, layers: int = 2, lr: float = 3e-3) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    data = mixed_blocks(train_zh, train_en, tok, seq)
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(cfg)
+    t0 = time.time()
+    loss = train_steps(model, data, steps, batch, lr, seed)
     model.save_pretrained(out, max_shard_size="8MB", safe_serialization=True)
     return {"train_blocks": len(data), "train_tokens": len(data) * seq, "steps": steps, "seq": seq, "batch": batch,
-            "final_loss": round(loss.item(), 4), "train_seconds": round(time.time() - t0, 1),
-            "params": sum(p.numel() for p in model.parameters())}
+            "final_loss": round(loss, 4), "train_seconds": round(time.time() - t0, 1),
+            "params": sum(p.numel() for p in model.parameters()), "hidden": hidden, "layers": layers, "lr": lr}
 
 
 def load_model(model_dir: Path, lm_head_from: Path | None = None):
@@ -83,27 +103,43 @@ def load_model(model_dir: Path, lm_head_from: Path | None = None):
 
 
 def bits_per_byte(model, texts: list[str], tok) -> dict:
-    """Sum of NLL (bits) of every token after BOS over the UTF-8 bytes of the texts (one text at a time)."""
+    """Sum of NLL (bits) of every token after BOS over the UTF-8 bytes of the texts (one text at a time).
+
+    Also: NLL per token (nats) split by whether the target is a new or an old id; the probability put on
+    all new ids at old-id targets; and where the new rows' logits sit among the old ones (median old logit,
+    mean new logit), averaged over positions.
+    """
     import torch
 
-    nll, nbytes, ntok, new_tok, mass_sum, mass_n = 0.0, 0, 0, 0, 0.0, 0
     n_old = 32000
+    acc = dict(nll=0.0, nll_new=0.0, n_new=0, mass=0.0, n_old=0, old_median=0.0, new_mean=0.0, pos=0)
+    nbytes = ntok = 0
     with torch.no_grad():
         for t in texts:
             ids = tok.encode(t)  # BOS + text
             x = torch.tensor([ids])
             logits = model(x).logits[0, :-1].float()
-            nll += torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()
+            y = x[0, 1:]
+            nll = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+            acc["nll"] += nll.sum().item()
+            new_target = y >= n_old
+            acc["nll_new"] += nll[new_target].sum().item()
+            acc["n_new"] += int(new_target.sum())
+            acc["n_old"] += int((~new_target).sum())
             if logits.shape[1] > n_old:
-                # probability the model puts on new ids where the next token is an old one
-                old_target = x[0, 1:] < n_old
-                mass_sum += logits.softmax(-1)[old_target, n_old:].sum().item()
-                mass_n += int(old_target.sum())
+                acc["mass"] += logits.softmax(-1)[~new_target, n_old:].sum().item()
+                acc["old_median"] += logits[:, :n_old].median(1).values.sum().item()
+                acc["new_mean"] += logits[:, n_old:].mean(1).sum().item()
+                acc["pos"] += len(y)
             nbytes += len(t.encode("utf-8"))
-            ntok += len(ids) - 1
-            new_tok += sum(1 for i in ids if i >= n_old)
-    return {"bpb": nll / math.log(2) / nbytes, "tokens": ntok, "bytes": nbytes, "new_id_share": new_tok / max(ntok, 1),
-            "new_id_mass_at_old_targets": mass_sum / max(mass_n, 1)}
+            ntok += len(y)
+    pos = max(acc["pos"], 1)
+    return {"bpb": acc["nll"] / math.log(2) / nbytes, "tokens": ntok, "bytes": nbytes,
+            "new_id_share": acc["n_new"] / max(ntok, 1),
+            "nll_new_targets": acc["nll_new"] / max(acc["n_new"], 1),
+            "nll_old_targets": (acc["nll"] - acc["nll_new"]) / max(acc["n_old"], 1),
+            "new_id_mass_at_old_targets": acc["mass"] / max(acc["n_old"], 1),
+            "median_old_logit": acc["old_median"] / pos, "mean_new_logit": acc["new_mean"] / pos}
 
 
 def reference_style_sources(old, new):
@@ -123,14 +159,39 @@ def reference_style_sources(old, new):
     return out
 
 
+def print_header() -> None:
+    print(f"{'':48}{'zh bpb':>8}{'zh tok':>8}{'new ids':>9}{'nll new/old':>13}{'en bpb':>8}"
+          f"{'new-id mass zh/en':>19}{'logits old/new':>16}")
+
+
+def evaluate(name: str, model, dev_zh, dev_en, tok) -> dict:
+    """bits_per_byte on both dev sets, printed as one row."""
+    zh, e = bits_per_byte(model, dev_zh, tok), bits_per_byte(model, dev_en, tok)
+    mass = f"{zh['new_id_mass_at_old_targets']:.2f}/{e['new_id_mass_at_old_targets']:.2f}"
+    nll = f"{zh['nll_new_targets']:.2f}/{zh['nll_old_targets']:.2f}"
+    logits = f"{zh['median_old_logit']:.1f}/{zh['mean_new_logit']:.1f}"
+    print(f"{name:48}{zh['bpb']:>8.3f}{zh['tokens']:>8}{zh['new_id_share']:>9.1%}{nll:>13}{e['bpb']:>8.3f}"
+          f"{mass:>19}{logits:>16}", flush=True)
+    return {"zh": zh, "en": e}
+
+
+def print_ratios(results: dict, mean: str, random: str, hf_mean: str, base: str) -> None:
+    bpb = {k: results[k]["zh"]["bpb"] for k in (mean, random, hf_mean, base)}
+    print(f"ratio zh bpb random / mean = {bpb[random] / bpb[mean]:.3f}; hf-mean / mean = "
+          f"{bpb[hf_mean] / bpb[mean]:.3f}; mean / base = {bpb[mean] / bpb[base]:.3f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/embed_init/bench_quality")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=800, help="training steps of the base model")
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=16, help="blocks of 128 tokens per step")
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--continue-steps", type=int, default=100,
+                    help="then train each grown model this many steps with the new tokenizer (0 = skip)")
+    ap.add_argument("--continue-lr", type=float, default=1e-3)
     ap.add_argument("--eval-docs", type=int, default=300)
     ap.add_argument("--size", type=int, default=8000, help="size of the Chinese BPE appended to the base")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
@@ -200,19 +261,32 @@ def main() -> None:
 
     results = {"train": train_info, "new_vocab": len(new_tok), "dev_zh_docs": len(dev_zh), "dev_en_docs": len(dev_en)}
     print(f"\nheld-out bits per byte ({len(dev_zh)} zh docs, {len(dev_en)} en docs), before further training:")
-    print(f"{'':48}{'zh bpb':>8}{'zh tok':>8}{'new ids':>9}{'en bpb':>8}{'new-id mass zh/en':>19}")
+    print_header()
     for name, ((path, lm_head_from), tok) in rows.items():
         model = load_model(path, lm_head_from)
-        zh, e = bits_per_byte(model, dev_zh, tok), bits_per_byte(model, dev_en, tok)
+        results[name] = evaluate(name, model, dev_zh, dev_en, tok)
         del model
-        results[name] = {"zh": zh, "en": e}
-        mass = f"{zh['new_id_mass_at_old_targets']:.2f}/{e['new_id_mass_at_old_targets']:.2f}"
-        print(f"{name:48}{zh['bpb']:>8.3f}{zh['tokens']:>8}{zh['new_id_share']:>9.1%}{e['bpb']:>8.3f}{mass:>19}",
-              flush=True)
-    r = results
-    print(f"\nratio zh bpb random / mean = {r['random']['zh']['bpb'] / r['mean']['zh']['bpb']:.3f}; "
-          f"hf-mean / mean = {r['hf-mean']['zh']['bpb'] / r['mean']['zh']['bpb']:.3f}; "
-          f"mean / base = {r['mean']['zh']['bpb'] / r['base (old tokenizer)']['zh']['bpb']:.3f}")
+    print_ratios(results, "mean", "random", "hf-mean", "base (old tokenizer)")
+
+    if args.continue_steps:
+        # Same data order, schedule and seed for every init: only the new rows differ at step 0.
+        print(f"\ncontinued training: {args.continue_steps} steps, lr {args.continue_lr}, new tokenizer", flush=True)
+        data = mixed_blocks(train_zh, train_en, new_tok, 128)
+        after = {}
+        for method in ("mean", "hf-mean", "random"):
+            model = load_model(work / method)
+            t0 = time.time()
+            train_steps(model, data, args.continue_steps, args.batch, args.continue_lr, seed=1, warmup=10)
+            after[method] = {"seconds": round(time.time() - t0, 1), "model": model}
+        print(f"\nheld-out bits per byte after {args.continue_steps} steps of training with the new tokenizer:")
+        print_header()
+        for method in ("mean", "hf-mean", "random"):
+            results[f"{method}, after {args.continue_steps} steps"] = evaluate(method, after[method].pop("model"),
+                                                                               dev_zh, dev_en, new_tok)
+        results["continue"] = {"steps": args.continue_steps, "lr": args.continue_lr, "blocks": len(data),
+                               "seconds": {m: a["seconds"] for m, a in after.items()}}
+        print_ratios(results, *(f"{m}, after {args.continue_steps} steps" for m in ("mean", "random", "hf-mean")),
+                     "base (old tokenizer)")
     print(json.dumps(results))
     (work / "results.json").write_text(json.dumps(results, indent=2))
     if not args.keep:
