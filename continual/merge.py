@@ -24,7 +24,7 @@ from typing import Any
 from common.checkpoint import (CONFIG_FILE, Checkpoint, TensorPlan, copy_side_files, open_checkpoint,
                                read_shard_header, rewrite_checkpoint, safetensors_dtype, torch_dtype)
 from common.errors import GraftError, input_error
-from common.io import atomic_path, atomic_write_json, is_complete, write_manifest
+from common.io import atomic_path, atomic_write_json, is_complete, read_json, write_manifest
 from continual.config import MergeConfig
 from continual.fingerprint import base_fingerprint
 from continual.model import torch_dtype as dtype_by_name
@@ -69,7 +69,7 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], Any, dict[str
                           "merge it with peft's merge_and_unload")
     header = read_shard_header(weights)  # raises on a missing/truncated/corrupt file
     info_path = d / ADAPTER_INFO
-    info = json.loads(info_path.read_text()) if info_path.is_file() else None
+    info = read_json(info_path) if info_path.is_file() else None
     return acfg, header, info
 
 

@@ -5,12 +5,12 @@ a LoRA target the model lacks, a new-rows start outside the vocabulary.
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 from common.errors import GraftError, input_error
+from common.io import read_json
 
 # Kept out of 4-bit: a 4-bit router crashes CPU eval and is tiny anyway; lm_head is the output layer
 # (trainable in most runs, and precision-critical).
@@ -64,7 +64,7 @@ def read_model_config(model_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise input_error(model_dir, "has no config.json (not a Hugging Face model folder)",
                           "pass the folder written by `graft embed init` or a downloaded HF checkpoint")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def load_tokenizer(path: str | Path):
@@ -84,7 +84,7 @@ def check_tokenizer_matches(tokenizer, vocab_size: int, tok_path: str | Path, mo
     padded_to = None
     manifest = Path(model_path) / "manifest.json"
     if manifest.is_file():
-        counts = json.loads(manifest.read_text()).get("counts", {})
+        counts = read_json(manifest).get("counts", {})
         if counts.get("rows") == vocab_size and isinstance(counts.get("new_vocab"), int):
             padded_to = counts["new_vocab"]
     if len(tokenizer) not in (vocab_size, padded_to):
@@ -100,7 +100,7 @@ def find_new_rows_start(model_dir: str | Path, vocab_size: int, explicit: int | 
     if start is None:
         manifest = Path(model_dir) / "manifest.json"
         if manifest.is_file():
-            start = _find_key(json.loads(manifest.read_text()), ("old_vocab_size", "old_vocab", "base_vocab_size"))
+            start = _find_key(read_json(manifest), ("old_vocab_size", "old_vocab", "base_vocab_size"))
     if start is None:
         raise input_error(model_dir, "embeddings = new-rows needs the first id of the added rows, and the model's "
                                      "manifest.json does not record old_vocab_size",

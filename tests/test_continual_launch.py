@@ -100,3 +100,14 @@ def test_emit_slurm_writes_a_valid_sbatch_script(tmp_path):
     toml.write_text('model = "m"\ntrain_data = "d"\nout = "o"\n')
     assert main(["train", "--config", str(toml), "--emit-slurm", str(job), "--launch-config", "fsdp"]) == 2
     assert load_train_config(toml).quant_storage == "uint8"
+
+
+def test_corrupt_model_config_and_manifest_name_file_and_line(tmp_path):
+    from continual.model import find_new_rows_start, read_model_config
+
+    (tmp_path / "config.json").write_text('{\n  "vocab_size": 38000,\n  oops\n}')
+    with pytest.raises(GraftError, match=r"config.json:3: not valid JSON .*Fix: re-run the stage that wrote it"):
+        read_model_config(tmp_path)
+    (tmp_path / "manifest.json").write_text("{")
+    with pytest.raises(GraftError, match=r"manifest.json:1: not valid JSON"):
+        find_new_rows_start(tmp_path, 38000, None)
