@@ -10,7 +10,10 @@
    bits per byte (total NLL in bits / UTF-8 bytes: comparable across vocabularies) on held-out Chinese and
    English, next to the base model with the base tokenizer.
 4. Train each of mean, hf-mean and random for --continue-steps steps with the new tokenizer (same data
-   order, schedule and seed) and evaluate again.
+   order, schedule and seed) and evaluate again (--continue-curve: also at intermediate steps).
+
+With --snapshots, step 3 also runs on the base model saved at those step counts (weaker bases, same run;
+step 4 too with --continue-all), and a summary line per base model ends the output. On CUDA, training runs under bf16 autocast.
 
 Columns: "nll new/old" = NLL per token (nats) at positions whose target is a new / an old id;
 "new-id mass" = mean probability on all new ids together at old-id targets (0 for the base model);
@@ -19,6 +22,9 @@ rows land among the old ones).
 
 Usage: python benchmarks/bench_embed_quality.py [--steps 800] [--work /tmp/embed_init/bench_quality] [--keep]
        python benchmarks/bench_embed_quality.py --reuse --keep --size 3000   # kept base model, other vocab
+       the H200 run in docs/embed_init.md (368 s):
+       python benchmarks/bench_embed_quality.py --device cuda --hidden 512 --layers 8 --heads 8 --batch 64
+           --lr 1e-3 --steps 3600 --snapshots 1200 --continue-steps 200 --continue-curve 10,25,50,100 --continue-all
 """
 from __future__ import annotations
 
@@ -40,12 +46,23 @@ def blocks(ids_per_doc: list[list[int]], bos: int, size: int) -> list[list[int]]
     return [stream[i:i + size] for i in range(0, len(stream) - size + 1, size)]
 
 
-def train_steps(model, data: list[list[int]], steps: int, batch: int, lr: float, seed: int, warmup: int = 50) -> float:
-    """Plain AdamW training on fixed-size blocks (seeded order, cosine schedule); returns the last loss."""
+def train_steps(model, data: list[list[int]], steps: int, batch: int, lr: float, seed: int, warmup: int = 50,
+                on_step=None) -> float:
+    """Plain AdamW training on fixed-size blocks (seeded order, cosine schedule); returns the last loss.
+
+    Runs on the model's device; on CUDA the forward runs under bf16 autocast (fp32 master weights).
+    `on_step(n)` is called after n optimiser steps (to save snapshots of the base model).
+    """
+    import contextlib
+
     import torch
 
+    device = next(model.parameters()).device
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(data), generator=g)
+    blocks_t = torch.tensor(data, device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
@@ -55,8 +72,9 @@ def train_steps(model, data: list[list[int]], steps: int, batch: int, lr: float,
         idx = order[(step * batch) % len(data):(step * batch) % len(data) + batch]
         if len(idx) < batch:
             idx = order[:batch]
-        x = torch.tensor([data[i] for i in idx])
-        loss = model(input_ids=x, labels=x).loss
+        x = blocks_t[idx.to(device)]
+        with autocast:
+            loss = model(input_ids=x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -64,6 +82,8 @@ def train_steps(model, data: list[list[int]], steps: int, batch: int, lr: float,
         opt.zero_grad(set_to_none=True)
         if step % 50 == 0 or step == steps - 1:
             print(f"  step {step:4d} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
+        if on_step is not None:
+            on_step(step + 1)
     model.eval()
     return loss.item()
 
@@ -73,33 +93,45 @@ def mixed_blocks(train_zh, train_en, tok, seq: int) -> list[list[int]]:
 
 
 def train_base(out: Path, train_zh, train_en, tok, steps: int, seq: int = 128, batch: int = 8, seed: int = 0,
-               hidden: int = 128, layers: int = 2, lr: float = 3e-3) -> dict:
+               hidden: int = 128, layers: int = 2, heads: int = 4, lr: float = 3e-3, device: str = "cpu",
+               snapshots: tuple[int, ...] = ()) -> dict:
+    """Train the base model and save it to `out`; also save it after each step in `snapshots` to `out_<step>`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     data = mixed_blocks(train_zh, train_en, tok, seq)
     cfg = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=1024,
                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(cfg).to(device)
+
+    def save(n: int) -> None:
+        if n in snapshots and n < steps:
+            model.save_pretrained(snapshot_dir(out, n), max_shard_size="8MB", safe_serialization=True)
+
     t0 = time.time()
-    loss = train_steps(model, data, steps, batch, lr, seed)
+    loss = train_steps(model, data, steps, batch, lr, seed, on_step=save)
     model.save_pretrained(out, max_shard_size="8MB", safe_serialization=True)
     return {"train_blocks": len(data), "train_tokens": len(data) * seq, "steps": steps, "seq": seq, "batch": batch,
-            "final_loss": round(loss, 4), "train_seconds": round(time.time() - t0, 1),
-            "params": sum(p.numel() for p in model.parameters()), "hidden": hidden, "layers": layers, "lr": lr}
+            "final_loss": round(loss, 4), "train_seconds": round(time.time() - t0, 1), "device": device,
+            "params": sum(p.numel() for p in model.parameters()), "hidden": hidden, "layers": layers,
+            "heads": heads, "lr": lr, "snapshots": [n for n in snapshots if n < steps]}
 
 
-def load_model(model_dir: Path, lm_head_from: Path | None = None):
-    """Load a checkpoint; with `lm_head_from`, take the output layer from another one (ablation)."""
+def snapshot_dir(base: Path, step: int) -> Path:
+    return base.with_name(f"{base.name}_{step}")
+
+
+def load_model(model_dir: Path, lm_head_from: Path | None = None, device: str = "cpu"):
+    """Load a checkpoint (fp32); with `lm_head_from`, take the output layer from another one (ablation)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     if lm_head_from is not None:
         other = AutoModelForCausalLM.from_pretrained(lm_head_from)
         model.lm_head.weight.data.copy_(other.lm_head.weight.data)
-    return model.eval()
+    return model.to(device).eval()
 
 
 def bits_per_byte(model, texts: list[str], tok) -> dict:
@@ -112,12 +144,13 @@ def bits_per_byte(model, texts: list[str], tok) -> dict:
     import torch
 
     n_old = 32000
+    device = next(model.parameters()).device
     acc = dict(nll=0.0, nll_new=0.0, n_new=0, mass=0.0, n_old=0, old_median=0.0, new_mean=0.0, pos=0)
     nbytes = ntok = 0
     with torch.no_grad():
         for t in texts:
             ids = tok.encode(t)  # BOS + text
-            x = torch.tensor([ids])
+            x = torch.tensor([ids], device=device)
             logits = model(x).logits[0, :-1].float()
             y = x[0, 1:]
             nll = torch.nn.functional.cross_entropy(logits, y, reduction="none")
@@ -181,19 +214,132 @@ def print_ratios(results: dict, mean: str, random: str, hf_mean: str, base: str)
           f"{bpb[hf_mean] / bpb[mean]:.3f}; mean / base = {bpb[mean] / bpb[base]:.3f}", flush=True)
 
 
+def compare_inits(label: str, base: Path, work: Path, new_tok_dir: Path, old_tok, new_tok, dev_zh, dev_en,
+                  device: str) -> dict:
+    """Grow `base` with every init (plus the reference-style mean and two ablations) and evaluate each."""
+    import embed_init.grow as grow_mod
+    from common.io import is_complete
+    from corpus.sources import base_tokenizer_model
+    from embed_init.config import EmbedInitConfig
+    from embed_init.grow import grow_embeddings
+
+    def grown(method: str, name: str) -> Path:
+        out = work / f"{label}_{name}"
+        if not is_complete(out):
+            grow_embeddings(EmbedInitConfig(model=str(base), old_tokenizer=str(base_tokenizer_model()),
+                                            new_tokenizer=str(new_tok_dir), out=str(out), method=method,
+                                            progress=False, overwrite=True))
+        return out
+
+    rows = {"base (old tokenizer)": ((base, None), old_tok)}
+    for method in ("mean", "hf-mean", "random"):
+        rows[method] = ((grown(method, method), None), new_tok)
+    real = grow_mod.surface_sources
+    grow_mod.surface_sources = reference_style_sources
+    try:
+        rows["mean, reference-style (BOS + dummy prefix)"] = ((grown("mean", "mean_ref"), None), new_tok)
+    finally:
+        grow_mod.surface_sources = real
+    # Ablations: which matrix makes the difference.
+    rows["ablation: mean embed + random lm_head"] = ((work / f"{label}_mean", work / f"{label}_random"), new_tok)
+    rows["ablation: random embed + mean lm_head"] = ((work / f"{label}_random", work / f"{label}_mean"), new_tok)
+
+    results = {}
+    print(f"\n[{label}] held-out bits per byte ({len(dev_zh)} zh docs, {len(dev_en)} en docs), "
+          "before further training:")
+    print_header()
+    for name, ((path, lm_head_from), tok) in rows.items():
+        model = load_model(path, lm_head_from, device)
+        results[name] = evaluate(name, model, dev_zh, dev_en, tok)
+        del model
+    print_ratios(results, "mean", "random", "hf-mean", "base (old tokenizer)")
+    return results
+
+
+def continue_training(label: str, work: Path, train_zh, train_en, new_tok, dev_zh, dev_en, steps: int, lr: float,
+                      batch: int, device: str, results: dict, curve_at: tuple[int, ...] = ()) -> None:
+    """Train mean, hf-mean and random `steps` steps with the new tokenizer (same data order, schedule, seed).
+
+    With `curve_at`, also evaluate held-out Chinese bits per byte after each of those step counts.
+    """
+    print(f"\n[{label}] continued training: {steps} steps, lr {lr}, new tokenizer", flush=True)
+    data = mixed_blocks(train_zh, train_en, new_tok, 128)
+    after, curve = {}, {}
+    for method in ("mean", "hf-mean", "random"):
+        model = load_model(work / f"{label}_{method}", device=device)
+        points = curve[method] = {0: results[method]["zh"]["bpb"]}
+
+        def record(n: int, model=model, points=points) -> None:
+            if n in curve_at and n < steps:
+                model.eval()
+                points[n] = bits_per_byte(model, dev_zh, new_tok)["bpb"]
+                model.train()
+
+        t0 = time.time()
+        train_steps(model, data, steps, batch, lr, seed=1, warmup=10, on_step=record)
+        after[method] = {"seconds": round(time.time() - t0, 1), "model": model}
+    print(f"\n[{label}] held-out bits per byte after {steps} steps of training with the new tokenizer:")
+    print_header()
+    for method in ("mean", "hf-mean", "random"):
+        results[f"{method}, after {steps} steps"] = evaluate(method, after[method].pop("model"), dev_zh, dev_en,
+                                                             new_tok)
+    for method in curve:
+        curve[method][steps] = results[f"{method}, after {steps} steps"]["zh"]["bpb"]
+    results["continue"] = {"steps": steps, "lr": lr, "blocks": len(data), "zh_bpb_curve": curve,
+                           "seconds": {m: a["seconds"] for m, a in after.items()}}
+    print_ratios(results, *(f"{m}, after {steps} steps" for m in ("mean", "random", "hf-mean")),
+                 "base (old tokenizer)")
+    if curve_at:
+        print(f"\n[{label}] held-out zh bits per byte during continued training:")
+        print(f"{'steps':>8}" + "".join(f"{m:>10}" for m in curve) + f"{'random/mean':>13}")
+        for n in sorted(curve["mean"]):
+            print(f"{n:>8}" + "".join(f"{curve[m][n]:>10.3f}" for m in curve)
+                  + f"{curve['random'][n] / curve['mean'][n]:>13.3f}", flush=True)
+
+
+def print_summary(by_base: dict) -> None:
+    """One line per base model: its own bpb and each init's, before further training."""
+    print("\nsummary, held-out zh bits per byte before further training:")
+    print(f"{'base model':>16}{'base':>8}{'mean':>8}{'hf-mean':>9}{'random':>8}{'random/mean':>13}{'en mean/random':>16}")
+    for label, r in by_base.items():
+        b = {k: r[k]["zh"]["bpb"] for k in ("base (old tokenizer)", "mean", "hf-mean", "random")}
+        en = f"{r['mean']['en']['bpb']:.3f}/{r['random']['en']['bpb']:.3f}"
+        print(f"{label:>16}{b['base (old tokenizer)']:>8.3f}{b['mean']:>8.3f}{b['hf-mean']:>9.3f}{b['random']:>8.3f}"
+              f"{b['random'] / b['mean']:>13.3f}{en:>16}", flush=True)
+
+
+def save_results(results: dict, work: Path, extra: str | None) -> None:
+    text = json.dumps(results, indent=2)
+    for path in [work / "results.json"] + ([Path(extra)] if extra else []):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/embed_init/bench_quality")
     ap.add_argument("--steps", type=int, default=800, help="training steps of the base model")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4, help="attention heads (key/value heads: half of them)")
     ap.add_argument("--batch", type=int, default=16, help="blocks of 128 tokens per step")
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--snapshots", default="",
+                    help="comma-separated step counts: also compare the inits on the base model saved after "
+                         "these steps (weaker bases, same run)")
+    ap.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
     ap.add_argument("--continue-steps", type=int, default=100,
                     help="then train each grown model this many steps with the new tokenizer (0 = skip)")
     ap.add_argument("--continue-lr", type=float, default=1e-3)
+    ap.add_argument("--continue-curve", default="",
+                    help="comma-separated step counts at which to also evaluate held-out Chinese during continued "
+                         "training (e.g. 10,25,50)")
+    ap.add_argument("--continue-all", action="store_true",
+                    help="continue training from every base model (snapshots too), not only the final one")
     ap.add_argument("--eval-docs", type=int, default=300)
     ap.add_argument("--size", type=int, default=8000, help="size of the Chinese BPE appended to the base")
+    ap.add_argument("--results", default=None, help="also write results.json here")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument("--reuse", action="store_true", help="reuse a kept work folder (skip training)")
     args = ap.parse_args()
@@ -201,13 +347,17 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    import embed_init.grow as grow_mod
     from bench_embed_tokenizer import build_zh_tokenizer
     from corpus.sources import base_tokenizer_model, english_paragraphs, people_daily_lines
-    from embed_init.config import EmbedInitConfig
-    from embed_init.grow import grow_embeddings, write_tokenizer
+    from embed_init.grow import write_tokenizer
 
-    torch.set_num_threads(2)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per checkpoint load buries the tables
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cpu":
+        torch.set_num_threads(2)
+    snapshots = tuple(sorted(int(n) for n in args.snapshots.split(",") if n.strip()))
     work = Path(args.work)
     if not args.reuse:
         shutil.rmtree(work, ignore_errors=True)
@@ -226,69 +376,33 @@ def main() -> None:
     if args.reuse and (work / "train.json").is_file():
         train_info = json.loads((work / "train.json").read_text())
     else:
-        print("training the base model...", flush=True)
-        train_info = train_base(base, train_zh, train_en, old_tok, args.steps, batch=args.batch,
-                                hidden=args.hidden, layers=args.layers, lr=args.lr)
-        for f in old_dir.iterdir():
-            shutil.copy(f, base / f.name)
+        print(f"training the base model on {device}...", flush=True)
+        train_info = train_base(base, train_zh, train_en, old_tok, args.steps, batch=args.batch, hidden=args.hidden,
+                                layers=args.layers, heads=args.heads, lr=args.lr, device=device,
+                                snapshots=snapshots)
         (work / "train.json").write_text(json.dumps(train_info))
+    # The final base model first: it is the one the question is about; snapshots show the trend.
+    bases = {f"{train_info['steps']} steps": base}
+    bases.update((f"{n} steps", snapshot_dir(base, n)) for n in sorted(train_info.get("snapshots", []), reverse=True))
     new_tok_dir = build_zh_tokenizer(work / "zh_tok", train_zh, size=args.size)
     new_tok = AutoTokenizer.from_pretrained(new_tok_dir)
     print(f"grown tokenizer: {len(new_tok)} pieces", flush=True)
 
-    from common.io import is_complete
-
-    def grown(method: str, name: str) -> Path:
-        out = work / name
-        if not is_complete(out):
-            grow_embeddings(EmbedInitConfig(model=str(base), old_tokenizer=str(base_tokenizer_model()),
-                                            new_tokenizer=str(new_tok_dir), out=str(out), method=method,
-                                            progress=False, overwrite=True))
-        return out
-
-    rows = {"base (old tokenizer)": ((base, None), old_tok)}
-    for method in ("mean", "hf-mean", "random"):
-        rows[method] = ((grown(method, method), None), new_tok)
-    real = grow_mod.surface_sources
-    grow_mod.surface_sources = reference_style_sources
-    try:
-        rows["mean, reference-style (BOS + dummy prefix)"] = ((grown("mean", "mean_ref"), None), new_tok)
-    finally:
-        grow_mod.surface_sources = real
-    # Ablations: which matrix makes the difference.
-    rows["ablation: mean embed + random lm_head"] = ((work / "mean", work / "random"), new_tok)
-    rows["ablation: random embed + mean lm_head"] = ((work / "random", work / "mean"), new_tok)
-
-    results = {"train": train_info, "new_vocab": len(new_tok), "dev_zh_docs": len(dev_zh), "dev_en_docs": len(dev_en)}
-    print(f"\nheld-out bits per byte ({len(dev_zh)} zh docs, {len(dev_en)} en docs), before further training:")
-    print_header()
-    for name, ((path, lm_head_from), tok) in rows.items():
-        model = load_model(path, lm_head_from)
-        results[name] = evaluate(name, model, dev_zh, dev_en, tok)
-        del model
-    print_ratios(results, "mean", "random", "hf-mean", "base (old tokenizer)")
-
+    results = {"train": train_info, "new_vocab": len(new_tok), "dev_zh_docs": len(dev_zh), "dev_en_docs": len(dev_en),
+               "by_base": {}}
+    for label, path in bases.items():
+        results["by_base"][label] = compare_inits(label.replace(" ", "_"), path, work, new_tok_dir, old_tok, new_tok,
+                                                  dev_zh, dev_en, device)
+        save_results(results, work, args.results)  # a partial table survives a run cut short
     if args.continue_steps:
-        # Same data order, schedule and seed for every init: only the new rows differ at step 0.
-        print(f"\ncontinued training: {args.continue_steps} steps, lr {args.continue_lr}, new tokenizer", flush=True)
-        data = mixed_blocks(train_zh, train_en, new_tok, 128)
-        after = {}
-        for method in ("mean", "hf-mean", "random"):
-            model = load_model(work / method)
-            t0 = time.time()
-            train_steps(model, data, args.continue_steps, args.batch, args.continue_lr, seed=1, warmup=10)
-            after[method] = {"seconds": round(time.time() - t0, 1), "model": model}
-        print(f"\nheld-out bits per byte after {args.continue_steps} steps of training with the new tokenizer:")
-        print_header()
-        for method in ("mean", "hf-mean", "random"):
-            results[f"{method}, after {args.continue_steps} steps"] = evaluate(method, after[method].pop("model"),
-                                                                               dev_zh, dev_en, new_tok)
-        results["continue"] = {"steps": args.continue_steps, "lr": args.continue_lr, "blocks": len(data),
-                               "seconds": {m: a["seconds"] for m, a in after.items()}}
-        print_ratios(results, *(f"{m}, after {args.continue_steps} steps" for m in ("mean", "random", "hf-mean")),
-                     "base (old tokenizer)")
-    print(json.dumps(results))
-    (work / "results.json").write_text(json.dumps(results, indent=2))
+        curve_at = tuple(int(n) for n in args.continue_curve.split(",") if n.strip())
+        for label in list(bases)[:1] if not args.continue_all else bases:
+            continue_training(label.replace(" ", "_"), work, train_zh, train_en, new_tok, dev_zh, dev_en,
+                              args.continue_steps, args.continue_lr, args.batch, device, results["by_base"][label],
+                              curve_at)
+            save_results(results, work, args.results)
+    print_summary(results["by_base"])
+    save_results(results, work, args.results)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     else:
