@@ -13,7 +13,8 @@
    order, schedule and seed) and evaluate again (--continue-curve: also at intermediate steps).
 
 With --snapshots, step 3 also runs on the base model saved at those step counts (weaker bases, same run;
-step 4 too with --continue-all), and a summary line per base model ends the output. On CUDA, training runs under bf16 autocast.
+step 4 too with --continue-all), and a summary line per base model ends the output. On CUDA, training
+runs under bf16 autocast.
 
 Columns: "nll new/old" = NLL per token (nats) at positions whose target is a new / an old id;
 "new-id mass" = mean probability on all new ids together at old-id targets (0 for the base model);
@@ -309,11 +310,10 @@ def print_summary(by_base: dict) -> None:
 
 
 def save_results(results: dict, work: Path, extra: str | None) -> None:
-    text = json.dumps(results, indent=2)
+    from common.io import atomic_write_json
+
     for path in [work / "results.json"] + ([Path(extra)] if extra else []):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        atomic_write_json(path, results)
 
 
 def main() -> None:
@@ -346,12 +346,11 @@ def main() -> None:
 
     import torch
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from bench_embed_tokenizer import build_zh_tokenizer
     from corpus.sources import base_tokenizer_model, english_paragraphs, people_daily_lines
     from embed_init.grow import write_tokenizer
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per checkpoint load buries the tables
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -380,6 +379,9 @@ def main() -> None:
         train_info = train_base(base, train_zh, train_en, old_tok, args.steps, batch=args.batch, hidden=args.hidden,
                                 layers=args.layers, heads=args.heads, lr=args.lr, device=device,
                                 snapshots=snapshots)
+        for path in [base] + [snapshot_dir(base, n) for n in train_info["snapshots"]]:
+            for f in old_dir.iterdir():  # each base model folder is a whole checkpoint, tokenizer included
+                shutil.copy(f, path / f.name)
         (work / "train.json").write_text(json.dumps(train_info))
     # The final base model first: it is the one the question is about; snapshots show the trend.
     bases = {f"{train_info['steps']} steps": base}
