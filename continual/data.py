@@ -43,6 +43,28 @@ def load_split(folder: str | Path, split: str) -> "datasets.Dataset":
     return ds
 
 
+def corpus_bos(folder: str | Path) -> bool | None:
+    """Whether the blocks of `folder` start every document with BOS: the `bos` its `corpus prepare`/`mix`
+    manifest records; None for a plain `datasets` folder (no manifest, setting unknown)."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        return None
+    from corpus.blocks import corpus_bos as manifest_bos
+
+    return manifest_bos(folder)
+
+
+def same_bos(train: str | Path, dev: str | Path) -> bool | None:
+    """The one BOS setting of the train and dev corpora; an error naming both when they differ."""
+    a, b = corpus_bos(train), corpus_bos(dev)
+    if a is not None and b is not None and a != b:
+        raise input_error(dev, f"was prepared with bos = {str(b).lower()} but the training data {train} with "
+                               f"bos = {str(a).lower()} (manifest.json key `bos`); dev bits per byte would not "
+                               "measure what training sees",
+                          "prepare both with the same `graft corpus prepare --bos/--no-bos`")
+    return a if a is not None else b
+
+
 def block_length(ds: "datasets.Dataset", where: str | Path, expected: int | None) -> int:
     """The common length of all blocks; an error if they differ from each other or from `expected`."""
     import pyarrow.compute as pc

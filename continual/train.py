@@ -108,6 +108,7 @@ def train(cfg: TrainConfig) -> Path:
     dev_ds = D.load_split(dev_src, "dev")
     seq_len = D.block_length(train_ds, cfg.train_data, cfg.seq_len)
     D.block_length(dev_ds, f"{dev_src} (dev split)", seq_len)
+    bos = D.same_bos(cfg.train_data, dev_src)  # recorded in the manifest; the eval stage scores documents alike
     for ds, where in ((train_ds, cfg.train_data), (dev_ds, f"{dev_src} (dev split)")):
         top = D.max_token_id(ds)
         if top >= vocab_size:
@@ -258,7 +259,7 @@ def train(cfg: TrainConfig) -> Path:
                        counts={"steps": step, "tokens": tokens, "train_blocks": len(train_ds),
                                "dev_blocks": n_dev, "dev_bytes": dev_bytes, "seq_len": seq_len,
                                "processes": world, **M.count_4bit_params(raw_model)},
-                       started=started, final_dev=last_dev, adapter=ADAPTER_DIR)
+                       started=started, final_dev=last_dev, adapter=ADAPTER_DIR, bos=bos)
     accelerator.wait_for_everyone()
     return out
 

@@ -64,6 +64,30 @@ def read_complete_manifest(folder: str | Path, what: str = "a corpus folder") ->
     return read_manifest(folder)
 
 
+def manifest_bos(folder: str | Path, manifest: dict) -> bool:
+    """Whether the blocks of a prepare/mix folder put BOS before every document (the manifest's `bos`).
+
+    Prepare folders written before `bos` was a top-level key hold it in `config.bos`; older mixes take it
+    from their sources (which must agree).
+    """
+    if isinstance(manifest.get("bos"), bool):
+        return manifest["bos"]
+    cfg = manifest.get("config") or {}
+    if manifest.get("stage") == PREPARE_STAGE and isinstance(cfg.get("bos"), bool):
+        return cfg["bos"]
+    if manifest.get("stage") == MIX_STAGE and manifest.get("sources"):
+        values = {corpus_bos(s["path"]) for s in manifest["sources"]}
+        if len(values) == 1:
+            return values.pop()
+    raise input_error(Path(folder) / MANIFEST, "records no `bos` setting (whether each document starts with BOS)",
+                      "re-run `graft corpus prepare` (and `graft corpus mix`) for this folder")
+
+
+def corpus_bos(folder: str | Path) -> bool:
+    """The BOS setting of a finished prepare/mix folder (see `manifest_bos`)."""
+    return manifest_bos(folder, read_complete_manifest(folder))
+
+
 def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise GraftError(f"unknown split {split!r}. Fix: use one of {', '.join(SPLITS)}")
