@@ -20,7 +20,7 @@ class CountConfig:
     """Count documents, characters, tokens and blocks per split of one or all registered datasets.
 
     Without --tokenizer only documents and characters are counted (fast). With --tokenizer, tokens
-    include one EOS per document (and BOS with --bos), and blocks = tokens // --block-size, which is
+    include one EOS and one BOS per document (no BOS with --no-bos), and blocks = tokens // --block-size, which is
     what `graft corpus prepare` writes with --last-block drop.
 
     Example:
@@ -31,7 +31,8 @@ class CountConfig:
     registry: str = field(default=DEFAULT_REGISTRY, metadata={"help": "dataset registry file"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder/file, to count tokens and blocks"})
     block_size: int = field(default=2048, metadata={"help": "tokens per block"})
-    bos: bool = field(default=False, metadata={"help": "count a BOS per document, as prepare --bos does"})
+    bos: bool = field(default=True, metadata={"help": "count a BOS per document, as prepare does (--no-bos: as "
+                                                      "prepare --no-bos)"})
     split_seed: int = field(default=0, metadata={"help": "key of the split hash (as in prepare)"})
     workers: int = field(default=1, metadata={"help": "worker processes (one file at a time each)"})
     threads: int = field(default=0, metadata={"help": "tokenizer threads per worker (0: cores // workers)"})

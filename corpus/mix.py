@@ -18,7 +18,7 @@ import numpy as np
 
 from common.errors import GraftError, input_error
 from common.io import atomic_path, write_manifest
-from corpus.blocks import MIX_INDICES, MIX_STAGE, PREPARE_STAGE, read_complete_manifest
+from corpus.blocks import MIX_INDICES, MIX_STAGE, PREPARE_STAGE, manifest_bos, read_complete_manifest
 from corpus.registry import DEFAULT_REGISTRY, load_registry
 
 _REPEAT, _FRACTION, _GLOBAL = 1, 2, 3  # seed-sequence tags, so each draw has its own stream
@@ -127,13 +127,14 @@ def mix(cfg: MixConfig) -> Path:
             raise input_error(path, f"is a {m.get('stage')!r} folder, not a prepare folder", "mix prepared datasets")
         sources.append({"name": name, "path": str(path), "weight": w, "block_size": m["block_size"],
                         "tokenizer_sha256": m["tokenizer"]["sha256"], "train_blocks": m["counts"]["train"]["blocks"],
-                        "dev_blocks": m["counts"]["dev"]["blocks"]})
-    for key, what in (("block_size", "block sizes"), ("tokenizer_sha256", "tokenizers")):
+                        "dev_blocks": m["counts"]["dev"]["blocks"], "bos": manifest_bos(path, m)})
+    for key, what in (("block_size", "block sizes"), ("tokenizer_sha256", "tokenizers"), ("bos", "BOS settings")):
         values = {s[key] for s in sources}
         if len(values) > 1:
-            detail = ", ".join(f"{s['name']}={s[key] if key == 'block_size' else s[key][:12]}" for s in sources)
-            raise GraftError(f"the datasets were prepared with different {what} ({detail}). "
-                             "Fix: prepare them all with the same --tokenizer and --block-size")
+            detail = ", ".join(f"{s['name']}={s[key] if key != 'tokenizer_sha256' else s[key][:12]}" for s in sources)
+            raise GraftError(f"the datasets were prepared with different {what} ({detail}; manifest.json keys "
+                             "block_size, tokenizer.sha256, bos). Fix: prepare them all with the same --tokenizer, "
+                             "--block-size and --bos/--no-bos")
     block_size = sources[0]["block_size"]
     idx, info = mixture_indices([s["train_blocks"] for s in sources], [s["weight"] for s in sources], cfg.seed)
     for s, i in zip(sources, info):
@@ -150,7 +151,7 @@ def mix(cfg: MixConfig) -> Path:
                       "tokens": sum(s["dev_blocks"] for s in sources) * block_size}}
     write_manifest(out, stage=MIX_STAGE, config=cfg, inputs={"sources": [s["path"] for s in sources]},
                    counts=counts, started=started, sources=sources, block_size=block_size,
-                   tokenizer={"sha256": sources[0]["tokenizer_sha256"]})
+                   tokenizer={"sha256": sources[0]["tokenizer_sha256"]}, bos=sources[0]["bos"])
     print(budget_table(sources, block_size))
     print(f"wrote {out} (load with corpus.blocks.load_blocks)")
     return out

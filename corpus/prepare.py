@@ -31,7 +31,7 @@ LAST_BLOCK = ("drop", "pad")
 class PrepareConfig:
     """Tokenize a dataset and pack it into fixed-length token blocks, split train/dev.
 
-    Each document becomes [BOS] ids EOS; documents are concatenated and cut into --block-size
+    Each document becomes BOS ids EOS (--no-bos: ids EOS); documents are concatenated and cut into --block-size
     blocks. The remainder carries over between batches and between files, so only the very last
     partial block of each split is dropped or padded. Output: per input file, a Hugging Face
     `datasets` folder (column input_ids) per split, plus manifest.json with document, token and
@@ -53,7 +53,8 @@ class PrepareConfig:
     text_field: str | None = field(default=None, metadata={"help": "JSON key / parquet column with the text (default: registry, else 'text')"})
     split: str | None = field(default=None, metadata={"help": f"train:dev parts per document (default: registry, else {DEFAULT_SPLIT})"})
     split_seed: int = field(default=0, metadata={"help": "key of the split hash; change it to draw a different dev set"})
-    bos: bool = field(default=False, metadata={"help": "put BOS before each document (EOS always follows it)"})
+    bos: bool = field(default=True, metadata={"help": "put BOS before each document (EOS always follows it); recorded "
+                                                      "as `bos` in manifest.json, which training and eval read"})
     last_block: str = field(default="drop", metadata={"help": "the final partial block of each split: drop | pad"})
     pad_id: int | None = field(default=None, metadata={"help": "id used by --last-block pad (default: EOS)"})
     eos_token: str | None = field(default=None, metadata={"help": "EOS token (default: tokenizer_config.json, else </s>)"})
@@ -182,7 +183,7 @@ def _finalize(cfg: PrepareConfig, r: _Resolved, tok, ids: list[str], started: fl
     write_manifest(out, stage=PREPARE_STAGE, config=cfg,
                    inputs={"files": [str(p.resolve()) for p in r.files], "tokenizer": str(Path(cfg.tokenizer).resolve())},
                    counts=counts, started=started, dataset=r.name, shards=ids, block_size=cfg.block_size,
-                   splits=list(SPLITS), split=list(r.split), rejects=rejects,
+                   splits=list(SPLITS), split=list(r.split), rejects=rejects, bos=cfg.bos,
                    tokenizer={"sha256": tok.sha256, "eos_id": tok.eos_id, "bos_id": tok.bos_id,
                               "eos_token": tok.eos_token, "bos_token": tok.bos_token, "vocab_size": tok.vocab_size},
                    shard_counts={st["shard_id"]: st["counts"] for st in stats})

@@ -93,7 +93,7 @@ def test_exact_blocks_single_file(tmp_path, hf_tokenizer, sp, zh_docs, en_docs):
     docs = zh_docs[:400] + en_docs[:200]  # zh and en interleaved in one file
     f = sources.write_jsonl(tmp_path / "mixed.jsonl", docs)
     # Small batches: many batch boundaries, where the seed pipeline lost tokens.
-    out = prepare(cfg([f], tmp_path / "p", hf_tokenizer, split="1:0", batch_chars=3000))
+    out = prepare(cfg([f], tmp_path / "p", hf_tokenizer, split="1:0", batch_chars=3000, bos=False))
     stream = expected_stream(sp, docs)
     got = rows(load_blocks(out, "train"))
     assert got.shape == (len(stream) // BS, BS)
