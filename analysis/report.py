@@ -1,9 +1,11 @@
 """`report` stage: one report (report.md + report.html, same PNGs) from the stage output folders.
 
 It reads only what the stages wrote (manifest.json, scores.json, audit.json, metrics.csv,
-bpb.json, PNGs); the only model it loads is the merged checkpoint, with AutoModelForCausalLM,
-to show a generated sample. Each section appears when its folder is given; a folder that is given
-but unfinished is an error naming it.
+bpb.json, PNGs); the only model it loads is the merged checkpoint, to show a generated sample. It is
+loaded the way the eval stage loads models (workflows.evaluate.plan_load: in `dtype` when it fits the
+GPUs or half the free RAM, else NF4 4-bit as training did); when neither fits (Mixtral-8x7B on a
+CPU-only machine), the sample is skipped and the report says so, with the sizes and the rule. Each
+section appears when its folder is given; a folder that is given but unfinished is an error naming it.
 """
 from __future__ import annotations
 
@@ -38,6 +40,12 @@ class ReportConfig:
     prompts: list[str] = field(default_factory=lambda: ["中国经济", "The for statement"],
                                metadata={"help": "prompts for the generated sample"})
     max_new_tokens: int = field(default=32, metadata={"help": "tokens generated per prompt"})
+    generate: bool = field(default=True, metadata={"help": "generate a sample with the merged checkpoint (skipped, "
+                                                          "with the reason in the report, when it does not fit)"})
+    load: str = field(default="auto", metadata={"help": "auto | full | nf4: how the merged checkpoint is loaded "
+                                                       "for the sample (as in the eval stage)"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on GPU, float32 on CPU) | float32 | "
+                                                        "bfloat16 | float16"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
 
 
@@ -313,8 +321,11 @@ def _bpb(doc: Doc, cfg: ReportConfig, out: Path, summary: list[str]) -> None:
     labels = list(res)
     dev_sets = [k for k in res[labels[0]] if isinstance(res[labels[0]][k], dict)]
     doc.h(2, "Dev bits per byte")
+    loads = {lab: res[lab].get("load") for lab in labels}
+    how = "; ".join(f"{lab}: {_load_words(ld)}" for lab, ld in loads.items() if ld) or "full precision"
     doc.p("The same held-out documents, scored by each model with its own tokenizer; bits per UTF-8 byte "
-          "compare across vocabularies (lower is better). Full-precision forward passes.")
+          "compare across vocabularies (lower is better). Each document is scored as training blocks hold it "
+          f"({'BOS' if _eval_bos(cfg.eval) else 'no BOS'}, text, EOS). Loaded as: {how}.")
     doc.table(["model", "vocab"] + [f"{d} bpb" for d in dev_sets] + [f"{d} tokens/byte" for d in dev_sets],
               [[lab, res[lab]["vocab_size"]] + [res[lab][d]["bpb"] for d in dev_sets]
                + [res[lab][d]["tokens_per_byte"] for d in dev_sets] for lab in labels])
@@ -325,32 +336,52 @@ def _bpb(doc: Doc, cfg: ReportConfig, out: Path, summary: list[str]) -> None:
         summary.append(f"{d} bits/byte: " + ", ".join(f"{lab} {res[lab][d]['bpb']:.3f}" for lab in labels))
 
 
+def _load_words(ld: dict[str, Any]) -> str:
+    return (f"NF4 4-bit (compute {ld['dtype']})" if ld["mode"] == "nf4" else ld["dtype"]) + f" on {ld['device']}"
+
+
+def _eval_bos(folder: str) -> bool:
+    return read_manifest(folder).get("bos", True)
+
+
 def _merged(doc: Doc, cfg: ReportConfig, summary: list[str]) -> dict[str, Any]:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from workflows.evaluate import load_model, plan_load
 
     _finished(cfg.merged, "merge")
     path = Path(cfg.merged).resolve()
     doc.h(2, "Merged checkpoint and a generated sample")
     doc.p(f"Merged checkpoint: `{path}` (loads with `AutoModelForCausalLM.from_pretrained`).")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    summary.append(f"merged checkpoint: {path}")
+    if not cfg.generate:
+        doc.p("**Sample skipped**: `generate = false` in the report stage.")
+        return {"path": str(path), "samples": [], "skipped": "generate = false"}
+    try:
+        plan = plan_load(path, cfg.load, cfg.dtype)
+    except GraftError as e:
+        doc.p(f"**Sample skipped**: {e}")
+        summary.append("generated sample skipped: the merged model does not fit this machine")
+        return {"path": str(path), "samples": [], "skipped": str(e)}
+    model = load_model(plan)
     tok = AutoTokenizer.from_pretrained(str(path))
     model.eval()
     samples = []
     for prompt in cfg.prompts:
         torch.manual_seed(cfg.seed)
-        enc = tok(prompt, return_tensors="pt")
+        enc = tok(prompt, return_tensors="pt").to(model.device)
         with torch.no_grad():
             gen = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, do_sample=True, top_k=50, top_p=0.9,
                                  temperature=0.8, repetition_penalty=1.2, pad_token_id=tok.eos_token_id)
         text = tok.decode(gen[0], skip_special_tokens=True)
         samples.append({"prompt": prompt, "text": text, "new_tokens": int(gen.shape[1] - enc["input_ids"].shape[1])})
         doc.code(text)
-    doc.p(f"Sampling: top-k 50, top-p 0.9, temperature 0.8, repetition penalty 1.2, seed {cfg.seed}, "
-          f"{cfg.max_new_tokens} new tokens. A tiny demo model produces text-like noise; the point is that the "
-          "merged checkpoint loads and generates with the extended tokenizer.")
-    summary.append(f"merged checkpoint: {path}")
-    return {"path": str(path), "samples": samples}
+    doc.p(f"Loaded as {plan.describe()} ({plan.rule}). Sampling: top-k 50, top-p 0.9, temperature 0.8, repetition "
+          f"penalty 1.2, seed {cfg.seed}, {cfg.max_new_tokens} new tokens. A tiny demo model produces text-like "
+          "noise; the point is that the merged checkpoint loads and generates with the extended tokenizer.")
+    return {"path": str(path), "samples": samples, "load": {"mode": plan.mode, "dtype": plan.dtype,
+                                                            "device": plan.device, "rule": plan.rule}}
 
 
 def _stage_times(doc: Doc, cfg: ReportConfig) -> None:
