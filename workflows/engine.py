@@ -191,31 +191,45 @@ def _workflow_section(out: Path) -> dict[str, Any] | None:
 @dataclass
 class StageStatus:
     stage: Stage
-    state: str  # done | stale | pending | failed | running
+    state: str  # done | stale | pending | failed | running | submitted; Slurm jobs also: cancelled | timeout
     reason: str
     fingerprint: str
     inputs: dict[str, Any] = field(default_factory=dict)
     duration_s: float | None = None
+    jobs: str = ""  # Slurm job ids of the stage, when it was submitted with --executor slurm
+    log: str = ""  # the log of a failed Slurm job
+    live_jobs: list[str] = field(default_factory=list)  # its jobs still pending or running
+
+
+def upstream_ids(wf: Workflow, stage: Stage) -> dict[str, str | None]:
+    """The output_id of every stage `stage` reads (None where it has no finished output)."""
+    ids = {}
+    for d in stage.deps:
+        sec = _workflow_section(wf.stage(d).out)
+        ids[d] = sec.get("output_id") if sec else None
+    return ids
 
 
 def plan(wf: Workflow, state: State, trusted: set[str] = frozenset()) -> list[StageStatus]:
     """Every stage's state as of now, without running anything.
 
     `trusted` stages (those before --from) count as done for their readers: their existing
-    output is what the later stages use.
+    output is what the later stages use. Stages submitted to Slurm are looked up there (scontrol,
+    sacct) and in their jobs' completion markers.
     """
+    from workflows import slurm_exec
+
     result: dict[str, StageStatus] = {}
+    jobs = slurm_exec.query_records(state)
     for stage in wf.stages:
-        ids = {}
-        for d in stage.deps:
-            sec = _workflow_section(wf.stage(d).out)
-            ids[d] = sec.get("output_id") if sec else None
-        fp, inputs = fingerprint(stage, ids, state.hash_cache)
+        fp, inputs = fingerprint(stage, upstream_ids(wf, stage), state.hash_cache)
         rec = state.record(stage.name)
         section = _workflow_section(stage.out)
         not_done = [d for d in stage.deps if result[d].state != "done" and d not in trusted]
         duration = (section or {}).get("duration_s") or rec.get("duration_s")
-        if rec.get("state") == "running" and _pid_alive(rec.get("pid"), rec.get("host")):
+        if rec.get("state") == "slurm" and not (section and section.get("fingerprint") == fp and not not_done):
+            st = slurm_exec.stage_status(wf, stage, rec, jobs, fp, inputs)
+        elif rec.get("state") == "running" and _pid_alive(rec.get("pid"), rec.get("host")):
             st = StageStatus(stage, "running", f"pid {rec.get('pid')} on {rec.get('host')}", fp, inputs)
         elif rec.get("state") == "submitted" and rec.get("fingerprint") == fp:
             st = StageStatus(stage, "submitted", f"sbatch {rec.get('script')}", fp, inputs)
@@ -234,6 +248,8 @@ def plan(wf: Workflow, state: State, trusted: set[str] = frozenset()) -> list[St
             st = StageStatus(stage, "stale", why, fp, inputs, duration)
         else:
             st = StageStatus(stage, "pending", "never run", fp, inputs)
+        if rec.get("state") == "slurm" and not st.jobs:
+            st.jobs = slurm_exec.job_ids(rec)
         result[stage.name] = st
     return list(result.values())
 
@@ -323,9 +339,8 @@ def _clear_output(stage: Stage, owned: bool) -> None:
     shutil.rmtree(out) if out.is_dir() else out.unlink()
 
 
-def run_workflow(wf: Workflow, *, from_stage: str | None = None, to_stage: str | None = None,
-                 force: list[str] | tuple[str, ...] = (), echo: Echo = _echo) -> list[StageStatus]:
-    """Run the stages in file order within [from_stage, to_stage]; returns the final statuses."""
+def stage_range(wf: Workflow, from_stage: str | None, to_stage: str | None, force=()) -> tuple[int, int]:
+    """Indices of the first and last stage to run; unknown stage names are errors."""
     names = [s.name for s in wf.stages]
     for n in [from_stage, to_stage, *force]:
         if n is not None:
@@ -334,6 +349,13 @@ def run_workflow(wf: Workflow, *, from_stage: str | None = None, to_stage: str |
     hi = names.index(to_stage) if to_stage else len(names) - 1
     if lo > hi:
         raise GraftError(f"--from {from_stage} comes after --to {to_stage} in {wf.path}. Fix: swap them")
+    return lo, hi
+
+
+def run_workflow(wf: Workflow, *, from_stage: str | None = None, to_stage: str | None = None,
+                 force: list[str] | tuple[str, ...] = (), echo: Echo = _echo) -> list[StageStatus]:
+    """Run the stages in file order within [from_stage, to_stage]; returns the final statuses."""
+    lo, hi = stage_range(wf, from_stage, to_stage, force)
     forced = set(force)
     with _lock(wf):
         old_handler = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -372,6 +394,10 @@ def _run(wf: Workflow, lo: int, hi: int, forced: set[str], echo: Echo) -> list[S
         if st.state == "done" and stage.name not in forced:
             echo(f"{tag}: skipped, unchanged (done in {_fmt_s(st.duration_s)}; {stage.out})")
             continue
+        if st.live_jobs:
+            raise GraftError(f"stage {stage.name!r} is {st.state} in Slurm ({st.reason}). Fix: wait for it "
+                             f"(`graft status {wf.path}`), or cancel the workflow's jobs with `graft cancel "
+                             f"{wf.path}` before running it here")
         if st.state == "running":
             raise GraftError(f"stage {stage.name!r} is being run by {st.reason}. Fix: wait for it to finish")
         if st.state == "submitted" and stage.name not in forced:
@@ -483,20 +509,28 @@ def _clear_output_leftovers(stage: Stage) -> None:
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
 
 
-def _finish(wf: Workflow, stage: Stage, st: StageStatus, state: State, started: float, echo: Echo,
-            tag: str, cpu_s: float | None = None) -> None:
+def record_output(wf: Workflow, stage: Stage, fp: str, inputs: dict[str, Any], started: float,
+                  cpu_s: float | None = None, **extra: Any) -> dict[str, Any]:
+    """Write the `workflow` section into the stage's finished manifest.json; returns the manifest."""
     finished = time.time()
     manifest_path = stage.out / MANIFEST
     m = read_json(manifest_path)
-    nonce = f"{st.fingerprint}:{finished}:{os.getpid()}"
+    nonce = f"{fp}:{finished}:{os.getpid()}"
     m["workflow"] = {
         "name": wf.name, "file": str(wf.path), "stage": stage.name, "kind": stage.kind.name,
-        "fingerprint": st.fingerprint, "output_id": hashlib.sha256(nonce.encode()).hexdigest()[:20],
-        "config": effective_values(stage), "inputs": st.inputs,
+        "fingerprint": fp, "output_id": hashlib.sha256(nonce.encode()).hexdigest()[:20],
+        "config": effective_values(stage), "inputs": inputs,
         "started": started, "finished": finished, "duration_s": round(finished - started, 3),
-        "cpu_s": None if cpu_s is None else round(cpu_s, 3),
+        "cpu_s": None if cpu_s is None else round(cpu_s, 3), **extra,
     }
     atomic_write_json(manifest_path, m)
+    return m
+
+
+def _finish(wf: Workflow, stage: Stage, st: StageStatus, state: State, started: float, echo: Echo,
+            tag: str, cpu_s: float | None = None) -> None:
+    m = record_output(wf, stage, st.fingerprint, st.inputs, started, cpu_s)
+    finished = m["workflow"]["finished"]
     state.stages[stage.name] = {"state": "done", "fingerprint": st.fingerprint, "out": str(stage.out),
                                 "started": started, "finished": finished,
                                 "duration_s": round(finished - started, 3)}

@@ -6,7 +6,10 @@ imports only the config modules (no torch), and a stage's heavy code is imported
 A workflow may also name any importable function as `kind = "package.module:function"`; its
 config class is the type annotation of the function's first parameter. Such a function may set
 `function.graft_resumable = True` when calling it again on a half-written output folder resumes
-the work (otherwise the runner clears the folder and restarts the stage).
+the work (otherwise the runner clears the folder and restarts the stage), and
+`function.graft_array = True` when its config has `shard_index` and `num_shards` (run as a Slurm
+job array by `graft run --executor slurm`, then called once more with shard 0 of 1, which must skip
+the finished shards and write the manifest).
 """
 from __future__ import annotations
 
@@ -32,6 +35,9 @@ class StageKind:
     # Settings that change how fast or how verbosely a stage runs, not what it writes: changing them
     # does not make the stage stale (re-tokenizing 600 GB because `workers` changed would be absurd).
     volatile: tuple[str, ...] = ()
+    # True when the config has `shard_index`/`num_shards` and calls with shard_index 0..n-1 together
+    # do the work: `graft run --executor slurm` then runs the stage as a job array.
+    array: bool = False
 
     def config_class(self) -> type:
         return _import(self.config, f"stage kind {self.name!r}")
@@ -73,7 +79,7 @@ _KINDS = [
               summary="token counts per tokenizer and corpus", volatile=("workers", "batch_mb", "format")),
     StageKind("embed.init", "embed_init.config:EmbedInitConfig", "embed_init.grow:grow_embeddings",
               summary="grow embed_tokens/lm_head for the new vocabulary", volatile=("link", "overwrite")),
-    StageKind("corpus.prepare", "corpus.prepare:PrepareConfig", "corpus.prepare:prepare", resumable=True,
+    StageKind("corpus.prepare", "corpus.prepare:PrepareConfig", "corpus.prepare:prepare", resumable=True, array=True,
               summary="tokenize and pack a dataset into fixed-length blocks",
               volatile=("workers", "threads", "batch_chars", "shard_index", "num_shards")),
     StageKind("corpus.mix", "corpus.mix:MixConfig", "corpus.mix:mix",
@@ -104,7 +110,8 @@ def resolve_kind(name: str, where: str) -> StageKind:
                              "config dataclass. Fix: def stage(cfg: MyConfig) -> Path")
         cls = params[0][1]
         return StageKind(name, f"{cls.__module__}:{cls.__qualname__}", name,
-                         resumable=bool(getattr(fn, "graft_resumable", False)))
+                         resumable=bool(getattr(fn, "graft_resumable", False)),
+                         array=bool(getattr(fn, "graft_array", False)))
     known = ", ".join(KINDS)
     raise GraftError(f"{where} unknown stage kind {name!r}. Fix: use one of {known}, or "
                      "'package.module:function' for your own stage")

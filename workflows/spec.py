@@ -76,6 +76,7 @@ class Workflow:
     runs: Path
     stages: list[Stage]
     description: str = ""
+    slurm: Any = None  # workflows.slurm.SlurmSpec: the [slurm] table, for `graft run --executor slurm`
 
     @property
     def home(self) -> Path:
@@ -280,7 +281,7 @@ def build_workflow(raw: dict[str, Any], path: Path, runs: str | Path | None = No
     stages: list[Stage] = []
     seen: dict[str, Stage] = {}
     for sname, table in raw.items():
-        if sname == "workflow":
+        if sname in ("workflow", "slurm"):
             continue
         where = f"[{sname}]"
         if not isinstance(table, dict):
@@ -368,11 +369,22 @@ def build_workflow(raw: dict[str, Any], path: Path, runs: str | Path | None = No
             errors.append(f"[{s.name}] output folder {s.out} is also the output of [{outs[key]}]. Fix: give each "
                           "stage its own out")
         outs[key] = s.name
+    slurm = _slurm_spec(raw.get("slurm", {}), stages, errors)
     if not stages and not errors:
         errors.append("no stage tables. Fix: add one table per stage, e.g. [vocab_train] with kind = \"vocab.train\"")
     if errors:
         raise GraftError(f"{path}: invalid workflow:\n  " + "\n  ".join(errors))
-    return Workflow(path, name, runs_path, stages, description)
+    return Workflow(path, name, runs_path, stages, description, slurm)
+
+
+def _slurm_spec(table: Any, stages: list[Stage], errors: list[str]) -> Any:
+    """The [slurm] table, and every stage's resources checked now rather than at submission."""
+    from workflows.slurm import check_resources, parse_slurm_table, stage_resources
+
+    spec = parse_slurm_table(table, [s.name for s in stages], errors)
+    for s in stages:
+        errors.extend(check_resources(s, stage_resources(s, spec)))
+    return spec
 
 
 def _check_values(kind: StageKind, fields: dict, values: dict[str, Any], where: str, errors: list[str]) -> None:
