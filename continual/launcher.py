@@ -43,10 +43,69 @@ def read_launch_config(path: str | Path) -> dict:
     return data
 
 
-def check_train_config_for(launch: dict, cfg, where: str | Path) -> None:
-    """QLoRA constraints of each engine, checked before a job is queued."""
+# accelerate launch passes a YAML's settings to each process as these environment variables.
+_ENV_DS = {"zero_stage": "ACCELERATE_DEEPSPEED_ZERO_STAGE", "gradient_clipping": "ACCELERATE_GRADIENT_CLIPPING",
+           "gradient_accumulation_steps": "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+           "deepspeed_config_file": "ACCELERATE_DEEPSPEED_CONFIG_FILE",
+           "offload_optimizer_device": "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE",
+           "offload_param_device": "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE",
+           "zero3_save_16bit_model": "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"}
+ENV_WHERE = "the launch config (as `accelerate launch` passed it in ACCELERATE_* variables)"
+
+
+def launch_from_env(env=None) -> dict | None:
+    """The settings `accelerate launch` handed this process, in the layout of a launch YAML; None when the
+    process was not started with a DeepSpeed or FSDP config (plain DDP needs no settings)."""
+    import os
+
+    env = os.environ if env is None else env
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        ds = {k: env[v] for k, v in _ENV_DS.items() if env.get(v) not in (None, "", "none", "auto")}
+        return {"distributed_type": "DEEPSPEED", "mixed_precision": env.get("ACCELERATE_MIXED_PRECISION", "no"),
+                "deepspeed_config": ds}
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return {"distributed_type": "FSDP", "mixed_precision": env.get("ACCELERATE_MIXED_PRECISION", "no")}
+    return None
+
+
+def _compute_dtype(cfg, cuda: bool) -> str:
+    if cfg.compute_dtype == "auto":
+        return "bfloat16" if cuda else "float32"
+    return cfg.compute_dtype
+
+
+def read_deepspeed_json(path: str | Path) -> dict:
+    import json
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise input_error(path, "file not found (named by deepspeed_config_file)",
+                          "fix the path, or drop deepspeed_config_file: graft train writes the DeepSpeed "
+                          "config from the train config") from None
+    except json.JSONDecodeError as e:
+        raise input_error(path, f"not valid JSON ({e.msg})", "fix the syntax", line=e.lineno) from None
+    if not isinstance(data, dict):
+        raise input_error(path, "not a DeepSpeed config (not a JSON object)", "write a JSON object")
+    return data
+
+
+def _disagree(where, key: str, value, ours, train_key: str, wanted) -> GraftError:
+    return input_error(where, f"{key} = {value!r}, but the train config has {train_key} = {ours!r}",
+                       f"set {key} to {wanted!r} (or \"auto\"), or remove it: graft train takes it from "
+                       f"`{train_key}` in the train config")
+
+
+def check_train_config_for(launch: dict, cfg, where: str | Path, cuda: bool = True) -> None:
+    """A launch config (a YAML, or what `accelerate launch` passed in the environment) must agree with the
+    train config and suit QLoRA; checked before a job is queued and again before any model loads.
+
+    `cuda`: whether the processes compute on GPUs (decides compute_dtype = "auto"); a job is queued for GPUs.
+    """
     kind = launch["distributed_type"]
-    zero3 = kind == "DEEPSPEED" and int((launch.get("deepspeed_config") or {}).get("zero_stage", 0)) == 3
+    ds = launch.get("deepspeed_config") or {}
+    zero3 = kind == "DEEPSPEED" and int(ds.get("zero_stage", 0)) == 3
     if (kind == "FSDP" or zero3) and cfg.quant_storage != "bfloat16":
         raise input_error(where, f"{'FSDP' if kind == 'FSDP' else 'DeepSpeed ZeRO-3'} shards only float tensors, "
                                  f"but quant_storage = {cfg.quant_storage!r}",
@@ -54,6 +113,66 @@ def check_train_config_for(launch: dict, cfg, where: str | Path) -> None:
     if kind == "FSDP" and cfg.compute_dtype == "float32":
         raise input_error(where, "FSDP flattens each unit into one dtype; compute_dtype float32 with bfloat16 "
                                  "storage mixes dtypes", 'set compute_dtype = "bfloat16" (or "auto")')
+    compute = _compute_dtype(cfg, cuda)
+    mp = str(launch.get("mixed_precision", "no")).lower()
+    if mp not in ("no", {"bfloat16": "bf16", "float32": "no"}[compute]):
+        raise input_error(where, f"mixed_precision = {mp!r}, but compute_dtype is {compute} "
+                                 f"(train config compute_dtype = {cfg.compute_dtype!r})",
+                          "set mixed_precision: 'no' in the launch YAML: graft train takes the precision from "
+                          "compute_dtype (bf16 autocast, or DeepSpeed's bf16 section)")
+    if kind != "DEEPSPEED":
+        return
+    checks = [("gradient_accumulation_steps", cfg.grad_accum, "grad_accum"),
+              ("gradient_clipping", float(cfg.max_grad_norm), "max_grad_norm")]
+    for key, ours, train_key in checks:
+        if key in ds and str(ds[key]).lower() != "auto" and float(ds[key]) != float(ours):
+            raise _disagree(where, f"deepspeed_config.{key}", ds[key], ours, train_key, ours)
+    if ds.get("deepspeed_config_file"):
+        deepspeed_config(cfg, launch, world=1, cuda=cuda)  # reads and checks the JSON
+
+
+def deepspeed_config(cfg, launch: dict, world: int, cuda: bool) -> dict:
+    """The DeepSpeed JSON config of a run, from the train config: micro batch, gradient accumulation, clipping
+    (max_grad_norm) and bf16 (compute_dtype); ZeRO stage and offload from the launch config.
+
+    A `deepspeed_config_file` named by the launch config is the starting point; its values must be "auto" or
+    agree with the train config. Optimizer and scheduler stay in graft train's hands.
+    """
+    ds = launch.get("deepspeed_config") or {}
+    path = ds.get("deepspeed_config_file")
+    conf = read_deepspeed_json(path) if path else {}
+    where = path or ENV_WHERE
+    for section in ("optimizer", "scheduler"):
+        if section in conf:
+            raise input_error(where, f"has a `{section}` section, but graft train builds its own (AdamW, warmup + "
+                                     "cosine from the train config)", f"remove `{section}`")
+    bf16 = _compute_dtype(cfg, cuda) == "bfloat16"
+    ours = {"train_micro_batch_size_per_gpu": (cfg.micro_batch_size, "micro_batch_size"),
+            "gradient_accumulation_steps": (cfg.grad_accum, "grad_accum"),
+            "train_batch_size": (cfg.micro_batch_size * cfg.grad_accum * world, "micro_batch_size x grad_accum x "
+                                                                                 "processes"),
+            "gradient_clipping": (float(cfg.max_grad_norm), "max_grad_norm")}
+    for key, (value, train_key) in ours.items():
+        have = conf.get(key, "auto")
+        if have != "auto" and key != "train_batch_size" and float(have) != float(value):
+            raise _disagree(where, key, have, value, train_key, value)
+        conf[key] = value
+    for section, on in (("bf16", bf16), ("fp16", False)):
+        have = (conf.get(section) or {}).get("enabled", "auto")
+        if have != "auto" and bool(have) != on:
+            raise _disagree(where, f"{section}.enabled", have, cfg.compute_dtype, "compute_dtype", on)
+        conf[section] = {**(conf.get(section) or {}), "enabled": on}
+    zero = conf.setdefault("zero_optimization", {})
+    stage = int(ds.get("zero_stage", zero.get("stage", 2)))
+    zero["stage"] = stage
+    for key, node in (("offload_optimizer_device", "offload_optimizer"), ("offload_param_device", "offload_param")):
+        if ds.get(key) and ds[key] != "none":
+            zero.setdefault(node, {})["device"] = ds[key]
+    if stage == 3:
+        # the final adapter is gathered from the shards (accelerator.get_state_dict needs this)
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    conf["steps_per_print"] = 10**9
+    return conf
 
 
 def accelerate_command(launch_config: str, train_toml: str | Path, *, nodes: int = 1, gpus_per_node: int = 8,

@@ -130,8 +130,12 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank: int = 0, worl
     state = json.loads((ckpt / "state.json").read_text())
     sharded = bool(state.get("sharded"))
     if sharded and state.get("processes", 1) != world:
-        raise input_error(ckpt, f"this sharded (DeepSpeed/FSDP) checkpoint was written by {state.get('processes')} "
-                                f"processes, this run has {world}", "resume with the same number of processes")
+        n = state.get("processes")
+        raise input_error(ckpt / "state.json", f"this sharded (DeepSpeed/FSDP) checkpoint was written by {n} "
+                                               f"processes, this run has {world}; each process holds its own shard "
+                                               "of the optimizer state",
+                          f"resume with {n} processes (accelerate launch --num_processes {n}, or --nodes x "
+                          f"--gpus-per-node = {n}), or start a new run in another `out`")
     suffix = f"-rank{rank}" if sharded else ""
     saved = load_file(str(ckpt / f"trainable{suffix}.safetensors"))
     params = dict(model.named_parameters())
@@ -147,9 +151,19 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank: int = 0, worl
                 raise input_error(ckpt, f"{n} has shape {tuple(t.shape)}, the model {tuple(params[n].shape)}",
                                   "resume with the config the run started with, or use a new `out` folder")
             params[n].copy_(t)
-    optimizer.load_state_dict(torch.load(ckpt / f"optimizer{suffix}.pt", weights_only=False))
+    _load_optimizer_state(optimizer, torch.load(ckpt / f"optimizer{suffix}.pt", weights_only=False), world)
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
     rng = ckpt / f"rng-rank{rank}.pt"
     if rng.is_file():
         set_rng_states(torch.load(rng, weights_only=False))
     return state
+
+
+def _load_optimizer_state(optimizer, state: dict, world: int) -> None:
+    """A torch optimizer's state, or a DeepSpeed ZeRO optimizer's partition (it takes a list indexed by rank and
+    restores its fp32 master partition from the saved one, so a resumed run continues bit for bit)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    if type(inner).__module__.startswith("deepspeed."):
+        inner.load_state_dict([state] * world, load_optimizer_states=True, load_from_fp32_weights=True)
+    else:
+        optimizer.load_state_dict(state)

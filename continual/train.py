@@ -21,9 +21,10 @@ from continual.state import checkpoint_dirs, load_checkpoint, save_checkpoint
 ADAPTER_DIR = "adapter"
 RUN_CONFIG = "train_config.json"
 ADAPTER_INFO = "graft_adapter.json"
-# Settings that do not change the loss curve: they may differ when resuming.
-_LOGISTICS = {"eval_every", "eval_blocks", "save_every", "keep_checkpoints", "log_every", "progress", "resume",
-              "max_steps", "epochs"}
+# Settings that do not change the loss curve: they may differ when resuming. max_steps and epochs are not among
+# them: they set the length of the cosine schedule, so changing them would make the learning rate jump.
+_LOGISTICS = {"eval_every", "eval_blocks", "save_every", "keep_checkpoints", "log_every", "progress", "resume"}
+_SCHEDULE = {"max_steps", "epochs"}
 
 
 def lr_lambda(total: int, warmup: int, min_ratio: float):
@@ -43,6 +44,13 @@ def _check_resume_config(out: Path, cfg: TrainConfig) -> None:
     saved = read_json(saved_path)
     now = to_jsonable(cfg)
     diff = sorted(k for k in set(saved) | set(now) if k not in _LOGISTICS and saved.get(k) != now.get(k))
+    schedule = [k for k in diff if k in _SCHEDULE]
+    if schedule:
+        was = ", ".join(f"{k} = {saved.get(k)!r}" for k in schedule)
+        raise input_error(out / RUN_CONFIG, f"the run was started with {was}, which fixes the length of its cosine "
+                                            f"learning-rate schedule; resuming with {', '.join(f'{k} = {now.get(k)!r}' for k in schedule)} "
+                                            "would make the learning rate jump",
+                          f"resume with {was}, or train longer as a new run (a new `out`) from this run's adapter")
     if diff:
         raise input_error(out, f"holds a run started with other settings ({', '.join(diff)} differ)",
                           "resume with the same settings, or choose a new `out`")
@@ -55,7 +63,11 @@ def _batch(ds, idx, device):
 
 
 def evaluate(model, dev_ds, n_blocks: int, micro_batch_size: int, accelerator, autocast) -> tuple[float, float]:
-    """Summed next-token cross-entropy (nats) and the number of predicted tokens, over all ranks."""
+    """Summed next-token cross-entropy (nats) and the number of predicted tokens, over all ranks.
+
+    Every rank runs the same number of forward passes (under ZeRO-3 and FSDP each forward is a collective):
+    a rank whose share of the blocks runs out forwards block 0 again and leaves it out of the sums.
+    """
     import torch
     import torch.nn.functional as F
 
@@ -65,16 +77,59 @@ def evaluate(model, dev_ds, n_blocks: int, micro_batch_size: int, accelerator, a
     nats = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     count = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     with torch.no_grad():
-        for lo in range(rank * micro_batch_size, n_blocks, world * micro_batch_size):
-            batch = _batch(dev_ds, range(lo, min(lo + micro_batch_size, n_blocks)), accelerator.device)
+        for k in range(math.ceil(n_blocks / (world * micro_batch_size))):
+            lo = (k * world + rank) * micro_batch_size
+            idx = range(lo, min(lo + micro_batch_size, n_blocks))
+            batch = _batch(dev_ds, idx if len(idx) else [0], accelerator.device)
             with autocast():
                 logits = model(input_ids=batch, output_router_logits=False, use_cache=False).logits
-            nats += F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                    batch[:, 1:].reshape(-1), reduction="sum").double()
-            count += batch[:, 1:].numel()
+            if len(idx):
+                nats += F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                        batch[:, 1:].reshape(-1), reduction="sum").double()
+                count += batch[:, 1:].numel()
     nats, count = accelerator.reduce(nats, "sum"), accelerator.reduce(count, "sum")
     model.train(was_training)
     return float(nats), float(count)
+
+
+def _zero_contribution(params):
+    """0 x the sum of every trainable parameter: adds nothing to the loss or the gradients, but puts each
+    parameter in the autograd graph, so DDP's reducer sees a gradient for experts no token was routed to and
+    for new-row deltas of batches without new ids (see benchmarks/bench_unused_params.py for the choice)."""
+    return sum(p.sum() for p in params) * 0.0
+
+
+def _make_accelerator(cfg: TrainConfig, launch: dict | None):
+    """The Accelerator for this process. DeepSpeed gets a config generated from the train config; on a machine
+    without GPUs it runs on DeepSpeed's CPU accelerator (gloo). FSDP needs GPUs (accelerate enables it only for
+    GPU-type devices): refused on CPU rather than silently run as DDP."""
+    import os
+
+    import torch
+    from accelerate import Accelerator, DeepSpeedPlugin, PartialState
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from continual import launcher
+
+    cuda = torch.cuda.is_available()
+    kind = launch["distributed_type"] if launch else None
+    if kind == "FSDP" and not cuda:
+        raise GraftError("the launch config asks for FSDP, but this machine has no GPU: accelerate 1.15 enables FSDP "
+                         "only on GPU-type devices and would silently run plain DDP on CPU. Fix: run FSDP on GPUs, or "
+                         "use --launch-config ddp or deepspeed-zero2/deepspeed-zero3 (these run on CPU)")
+    if kind == "DEEPSPEED":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        conf = launcher.deepspeed_config(cfg, launch, world=world, cuda=cuda)
+        # The YAML's DeepSpeed fields are already folded into `conf` (and checked against the train config);
+        # accelerate refuses a config dict while it still lists them as set elsewhere.
+        os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
+        plugin = DeepSpeedPlugin(hf_ds_config=conf)
+        if not cuda:
+            # accelerate's cpu=True would drop DeepSpeed for DDP; DeepSpeed's own CPU accelerator uses gloo.
+            PartialState(cpu=False, backend="gloo")
+        return Accelerator(deepspeed_plugin=plugin, gradient_accumulation_steps=cfg.grad_accum)
+    return Accelerator(cpu=not cuda, gradient_accumulation_steps=cfg.grad_accum,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -83,7 +138,6 @@ def train(cfg: TrainConfig) -> Path:
     import functools
 
     import torch
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     cfg.validate()
@@ -93,7 +147,12 @@ def train(cfg: TrainConfig) -> Path:
         print(f"{out}: already complete (manifest.json). Delete it or choose another out to train again.")
         return out
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=cfg.grad_accum)
+    from continual import launcher
+
+    launch = launcher.launch_from_env()
+    if launch:  # before anything heavy: the launch YAML must agree with the train config
+        launcher.check_train_config_for(launch, cfg, launcher.ENV_WHERE, cuda=torch.cuda.is_available())
+    accelerator = _make_accelerator(cfg, launch)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     main = accelerator.is_main_process
 
@@ -173,6 +232,11 @@ def train(cfg: TrainConfig) -> Path:
     warmup = max(1, round(cfg.warmup_ratio * total_steps)) if cfg.warmup_ratio > 0 else 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, cfg.min_lr_ratio))
     model, optimizer = accelerator.prepare(model, optimizer)
+    # Several processes: a parameter without a gradient in a step (an expert no token was routed to, new-row
+    # deltas of a batch without new ids) must not stall the gradient reduction. ZeRO-3 sees each MoE block as
+    # one leaf (launch YAML) and reduces partitions itself.
+    train_params = [p for _, p in trainable]
+    every_param_used = world > 1 and not zero3
     raw_model = accelerator.unwrap_model(model)
 
     step, micro_pos, tokens = 0, 0, 0
@@ -212,7 +276,7 @@ def train(cfg: TrainConfig) -> Path:
             with accelerator.accumulate(model):
                 with autocast():
                     res = model(input_ids=batch, labels=batch, output_router_logits=use_aux, use_cache=False)
-                accelerator.backward(res.loss)
+                accelerator.backward(res.loss + _zero_contribution(train_params) if every_param_used else res.loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
