@@ -48,6 +48,11 @@ class ReportConfig:
                                                         "bfloat16 | float16"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
 
+    def __post_init__(self) -> None:  # bad values fail when the workflow is read, not after training
+        from workflows.evaluate import check_load_settings
+
+        check_load_settings(self.load, self.dtype)
+
 
 # ---------------------------------------------------------------- a tiny document model
 

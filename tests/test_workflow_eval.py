@@ -236,6 +236,17 @@ def test_load_rule_full_then_nf4_then_error(small_ckpt, monkeypatch):
         plan_load(small_ckpt, load="x")
 
 
+def test_bad_load_settings_fail_when_the_config_is_built():
+    from analysis.report import ReportConfig
+    from common.errors import GraftError
+    from workflows.evaluate import EvalConfig
+
+    with pytest.raises(GraftError, match=r"load = 'nf5'.*Fix: use one of auto, full, nf4"):
+        EvalConfig(models=["m"], labels=["m"], dev=["d"], out="o", load="nf5")
+    with pytest.raises(GraftError, match=r"dtype = 'bf16'.*Fix: use one of auto, float32, bfloat16, float16"):
+        ReportConfig(out="o", dtype="bf16")
+
+
 def test_eval_stage_loads_nf4_when_full_precision_does_not_fit(small_ckpt, tmp_path, monkeypatch, news_lines):
     """With less RAM than the fp32 model needs (x2), the eval stage never builds the fp32 model: NF4 instead."""
     import bitsandbytes as bnb

@@ -113,6 +113,13 @@ def _gb(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def check_load_settings(load: str, dtype: str, key: str = "load") -> None:
+    if load not in LOADS:
+        raise GraftError(f"{key} = {load!r}. Fix: use one of {', '.join(LOADS)}")
+    if dtype not in DTYPES:
+        raise GraftError(f"dtype = {dtype!r}. Fix: use one of {', '.join(DTYPES)}")
+
+
 def plan_load(folder: str | Path, load: str = "auto", dtype: str = "auto", device_map: str = "",
               key: str = "load") -> LoadPlan:
     """Decide how to load `folder` so that it fits this machine (see the module docstring).
@@ -121,10 +128,7 @@ def plan_load(folder: str | Path, load: str = "auto", dtype: str = "auto", devic
     with device_map "auto"; no GPU: half of the available RAM), else `nf4` when that fits, else a
     GraftError naming the folder, the sizes and the fix. `full`/`nf4` force a mode (no size check).
     """
-    if load not in LOADS:
-        raise GraftError(f"{key} = {load!r}. Fix: use one of {', '.join(LOADS)}")
-    if dtype not in DTYPES:
-        raise GraftError(f"dtype = {dtype!r}. Fix: use one of {', '.join(DTYPES)}")
+    check_load_settings(load, dtype, key)
     gpus = free_gpu_memory()
     device = "cuda" if gpus else "cpu"
     if dtype == "auto":
@@ -258,6 +262,9 @@ class EvalConfig:
                                                         "bfloat16 | float16; the compute dtype under nf4"})
     device_map: str = field(default="", metadata={"help": "transformers device_map ('' = auto on GPUs, none on "
                                                          "CPU)"})
+
+    def __post_init__(self) -> None:  # bad values fail when the workflow is read, not after training
+        check_load_settings(self.load, self.dtype)
 
 
 def evaluate_models(cfg: EvalConfig) -> Path:
