@@ -20,7 +20,7 @@ demo: setup
 	$(BIN)/graft run workflows/demo.toml
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -rs tests
 
 clean:
 	rm -rf $(VENV) runs

@@ -63,6 +63,7 @@ class ShardsConfig:
     n: int = 4
     kill_after: int = -1  # SIGKILL this process after writing that many shards in this call
     labels: list[str] = field(default_factory=list)
+    progress: bool = True  # how it runs, not what it writes
 
 
 def shards(cfg: ShardsConfig) -> Path:
@@ -300,13 +301,34 @@ def test_killed_process_resumes_a_resumable_stage(tmp_path):
     assert [ln.split()[2] for ln in p.stdout.splitlines()[1:4]] == ["done"] * 3
 
 
-def test_killed_stage_with_changed_config_restarts_from_scratch(tmp_path):
+def test_killed_stage_with_changed_config_keeps_its_work_until_forced(tmp_path):
     wf = _shards_toml(tmp_path, kill_after=3)
     assert _graft("run", str(wf), cwd=tmp_path).returncode == -signal.SIGKILL
-    wf = _shards_toml(tmp_path, kill_after=-1)  # config changed: the partial output is not reused
+    wf = _shards_toml(tmp_path, kill_after=-1)  # config changed: the partial output cannot be resumed
+    # A config tweak never deletes an interrupted resumable stage's work (days of checkpoints).
     p = _graft("run", str(wf), cwd=tmp_path)
+    assert p.returncode == 2
+    assert "stage 'sh'" in p.stderr and "config changed: kill_after" in p.stderr and "--force sh" in p.stderr
+    assert (tmp_path / "runs/t/sh/writes.log").read_text().split() == ["0", "1", "2"]
+    assert _states(wf)["sh"] == "stale"
+    # --force discards it and restarts from scratch.
+    p = _graft("run", str(wf), "--force", "sh", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert "removing the previous output" in p.stdout
+    assert (tmp_path / "runs/t/sh/writes.log").read_text().split() == ["0", "1", "2", "3"]
+
+
+def test_changed_cadence_setting_resumes_an_interrupted_stage(tmp_path):
+    """`progress` (like a train stage's eval_every, log_every, save_every) changes how a stage runs, not
+    what it writes: changing it after a kill resumes the interrupted work instead of clearing it."""
+    wf = _shards_toml(tmp_path, kill_after=3)
+    assert _graft("run", str(wf), cwd=tmp_path).returncode == -signal.SIGKILL
+    text = wf.read_text()
+    assert "[sh]\n" in text
+    wf.write_text(text.replace("[sh]\n", "[sh]\nprogress = false\n", 1))
+    p = _graft("run", str(wf), cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "sh: resuming" in p.stdout
     assert (tmp_path / "runs/t/sh/writes.log").read_text().split() == ["0", "1", "2", "3"]
 
 

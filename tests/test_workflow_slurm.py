@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import GraftError
-from common.io import write_manifest
+from common.io import read_manifest, write_manifest
 from workflows.commands import status_rows
 from workflows.spec import load_workflow
 
@@ -368,6 +368,63 @@ def test_no_double_submission_and_cancel_touches_only_the_workflows_jobs(slurm_c
         assert "no pending or running Slurm jobs" in graft(a, "cancel", "wf.toml").stdout
     finally:
         subprocess.run(["scancel", foreign], check=False)
+
+
+def test_train_stage_runs_as_a_slurm_job_under_accelerate(slurm_cluster, tmp_path):
+    """A `launch.mode = "slurm"` train stage, run by the local executor: submitted for real, tracked by
+    its job id, run by srun + accelerate launch (the test cluster's GPUs are count-only, so the job
+    trains on the CPU), recorded by the job; the next `graft run` goes on with the stages after it."""
+    from continual.testing import tiny_workspace
+
+    ws = tiny_workspace(tmp_path / "ws")
+    a = tmp_path / "w"
+    write_workflow(a, f"""
+        [workflow]
+        name = "t"
+        runs = "runs"
+
+        [train]
+        kind = "continual.train"
+        model = "{ws['base']}"
+        train_data = "{ws['data']}"
+        lora_r = 8
+        lora_alpha = 16
+        micro_batch_size = 2
+        max_steps = 4
+        eval_every = 2
+        save_every = 2
+
+        [train.launch]
+        mode = "slurm"
+        config = "ddp"
+        gpus_per_node = 1
+        cpus_per_task = 2
+        time = "00:15:00"
+
+        [after]
+        kind = "test_workflow_slurm:note"
+        text = "after"
+        after = ["train"]
+        """)
+    out = graft(a, "run", "wf.toml").stdout  # submits train, then stops: `after` needs its output
+    job = state_records(a)["train"]["jobs"][0]["id"]
+    assert f"submitted job {job}" in out and f"once job {job} has finished" in out
+    assert "after" not in state_records(a)
+    script = (a / "runs/t/slurm/train.sbatch").read_text()
+    assert "#SBATCH --gres=gpu:1" in script and "#SBATCH --time=00:15:00" in script
+    assert "srun --kill-on-bad-exit=1" in script and "accelerate launch" in script
+    if status(a)["train"]["state"] in ("pending", "running"):
+        assert "waiting for its Slurm job" in graft(a, "run", "wf.toml").stdout
+
+    rows = wait_until_settled(a, timeout=300)
+    log = a / f"runs/t/slurm/logs/train-{job}.out"
+    assert rows["train"]["state"] == "done", log.read_text()[-3000:]
+    assert read_manifest(a / "runs/t/train")["workflow"]["slurm_job"] == job
+    assert "done: adapter in" in log.read_text()
+    metrics = (a / "runs/t/train/metrics.csv").read_text().splitlines()
+    assert metrics[-1].split(",")[0] == "4"
+    out = graft(a, "run", "wf.toml").stdout
+    assert "train: skipped, unchanged" in out and "after: done" in out
 
 
 def test_unknown_partition_passes_slurms_message_with_the_stage(slurm_cluster, tmp_path):

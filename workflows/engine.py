@@ -241,8 +241,8 @@ def plan(wf: Workflow, state: State, trusted: set[str] = frozenset()) -> list[St
         elif section or rec:
             if not_done:
                 why = f"upstream {not_done[0]!r} is {result[not_done[0]].state}"
-            elif section is None:
-                why = "no finished output"
+            elif section is None:  # an interrupted run: what changed since it started, where recorded
+                why = _what_changed(rec, fp, inputs, stage) if "config" in rec else "no finished output"
             else:
                 why = _what_changed(section, fp, inputs, stage)
             st = StageStatus(stage, "stale", why, fp, inputs, duration)
@@ -394,6 +394,10 @@ def _run(wf: Workflow, lo: int, hi: int, forced: set[str], echo: Echo) -> list[S
         if st.state == "done" and stage.name not in forced:
             echo(f"{tag}: skipped, unchanged (done in {_fmt_s(st.duration_s)}; {stage.out})")
             continue
+        if st.live_jobs and stage.launch is not None and stage.launch.mode == "slurm":
+            echo(f"{tag}: waiting for its Slurm job ({st.reason}); run `graft run` again once it has finished "
+                 f"(`graft status {wf.path}` follows it). Stages after it need its output.")
+            break
         if st.live_jobs:
             raise GraftError(f"stage {stage.name!r} is {st.state} in Slurm ({st.reason}). Fix: wait for it "
                              f"(`graft status {wf.path}`), or cancel the workflow's jobs with `graft cancel "
@@ -431,6 +435,12 @@ def _run(wf: Workflow, lo: int, hi: int, forced: set[str], echo: Echo) -> list[S
 def _run_stage(wf: Workflow, stage: Stage, st: StageStatus, state: State, why: str, tag: str,
                echo: Echo) -> bool:
     """Run (or submit) one stage; False when it was submitted as a job and is not finished."""
+    if stage.launch is not None and stage.launch.mode == "slurm":
+        from workflows import slurm, slurm_exec
+
+        if slurm.available():  # submitted for real, tracked by its job id; else the script is written below
+            slurm_exec.submit_stage(wf, state, stage, st, tag, echo)
+            return False
     rec = state.record(stage.name)
     same = rec.get("state") in ("running", "failed", "submitted") and rec.get("fingerprint") == st.fingerprint
     owned = bool(rec) and rec.get("out") == str(stage.out)
@@ -444,6 +454,7 @@ def _run_stage(wf: Workflow, stage: Stage, st: StageStatus, state: State, why: s
         echo(f"{tag}: resuming ({stage.kind.name} continues from what the interrupted run wrote)")
         _clear_output_leftovers(stage)
     else:
+        keep_partial_work(stage, why)
         if stage.out.exists():
             echo(f"{tag}: {why}; removing the previous output {stage.out}")
         _clear_output(stage, owned)
@@ -453,7 +464,8 @@ def _run_stage(wf: Workflow, stage: Stage, st: StageStatus, state: State, why: s
     started = time.time()
     cpu0 = _cpu_seconds()
     state.stages[stage.name] = {"state": "running", "fingerprint": st.fingerprint, "pid": os.getpid(),
-                                "host": socket.gethostname(), "started": started, "out": str(stage.out)}
+                                "host": socket.gethostname(), "started": started, "out": str(stage.out),
+                                "config": effective_values(stage), "inputs": st.inputs}
     state.save()
     try:
         stage.kind.fn()(_stage_config(wf, stage))
@@ -492,14 +504,26 @@ def _submit(wf: Workflow, stage: Stage, st: StageStatus, state: State, why: str,
 
     toml_path, script = LAUNCHERS[stage.kind.name](_stage_config(wf, stage), stage.launch, wf.home, stage.name)
     state.stages[stage.name] = {"state": "submitted", "fingerprint": st.fingerprint, "script": str(script),
-                                "config": str(toml_path), "started": time.time(), "out": str(stage.out)}
+                                "config_toml": str(toml_path), "started": time.time(), "out": str(stage.out)}
     state.save()
     echo(f"{tag}: {why}; this stage runs as a Slurm job ({stage.launch.nodes} node(s) x "
-         f"{stage.launch.gpus_per_node} GPU(s), {stage.launch.config}).\n"
+         f"{stage.launch.gpus_per_node} GPU(s), {stage.launch.config}), but `sbatch` is not on this machine.\n"
          f"  wrote {toml_path} and {script}\n"
-         f"  submit it with:  sbatch {script}\n"
-         f"  then, once the job has finished, run the same `graft run` again to continue.")
+         f"  submit it on the cluster with:  sbatch {script}\n"
+         f"  then, once the job has finished, run the same `graft run` again to continue. (Where sbatch is on "
+         f"PATH, `graft run` submits the job itself and tracks it by its id.)")
     return False
+
+
+def keep_partial_work(stage: Stage, why: str) -> None:
+    """Refuse to delete an interrupted resumable stage's work (checkpoints, finished shards) because its
+    settings changed: a config tweak must not destroy days of training. --force discards it."""
+    if not why.startswith("config changed"):
+        return  # an upstream stage or an input file changed: the partial work no longer applies
+    if stage.kind.resumable and stage.out.is_dir() and not is_complete(stage.out) and any(stage.out.iterdir()):
+        raise GraftError(f"stage {stage.name!r}: {stage.out} holds the work of an interrupted run, and the stage "
+                         f"can no longer resume it ({why}). Fix: restore the settings it ran with to resume it, "
+                         f"or run again with --force {stage.name} to discard that work and start over")
 
 
 def _clear_output_leftovers(stage: Stage) -> None:

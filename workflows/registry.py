@@ -85,7 +85,10 @@ _KINDS = [
     StageKind("corpus.mix", "corpus.mix:MixConfig", "corpus.mix:mix",
               summary="mix prepared datasets by token multiples"),
     StageKind("continual.train", "continual.config:TrainConfig", "continual.train:train", resumable=True,
-              summary="QLoRA continued pretraining", volatile=("save_every", "keep_checkpoints", "resume")),
+              summary="QLoRA continued pretraining",
+              # Cadence of evaluation, logging and checkpoints: changing one must never clear (and so
+              # delete the checkpoints of) an interrupted multi-day run.
+              volatile=("save_every", "keep_checkpoints", "resume", "eval_every", "eval_blocks", "log_every")),
     StageKind("continual.merge", "continual.config:MergeConfig", "continual.merge:merge_adapter",
               summary="merge the adapter into a full checkpoint, shard by shard"),
     StageKind("eval.bpb", "workflows.evaluate:EvalConfig", "workflows.evaluate:evaluate_models",

@@ -208,7 +208,7 @@ def train_script(wf: Any, stage: Any, res: SlurmResources, log: Path, train_toml
                                       main_ip="$MAIN_ADDR" if res.nodes > 1 else None, main_port="$MAIN_PORT")
     inner = " ".join(c if c.startswith("$") else shlex.quote(c) for c in cmd)
     body = _prologue(res) + [
-        run_stage_command(wf, stage.name, "--write-config", str(train_toml)),
+        run_stage_command(wf, stage.name, "--write-config"),  # writes train_toml
         'export MAIN_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         "export MAIN_PORT=${MAIN_PORT:-29500}",
         f"srun --kill-on-bad-exit=1 bash -c {shlex.quote(inner)}",

@@ -116,6 +116,7 @@ class _Action:
     todo: list[int] = field(default_factory=list)  # array tasks to run now
     fresh: bool = True  # clear the output and markers first
     after: list[str] = field(default_factory=list)  # stages whose new jobs this one waits for
+    forced: set[str] = field(default_factory=set)  # --force
 
 
 def _config_fp(stage: Stage, cache: dict) -> str:
@@ -154,11 +155,8 @@ def submit_workflow(wf: Workflow, *, from_stage: str | None = None, to_stage: st
         statuses = {st.stage.name: st for st in engine.plan(wf, state, trusted)}
         actions = _decide(wf, state, statuses, lo, hi, set(force), echo)
         scripts = {a.stage.name: _write_scripts(wf, a, dry_run) for a in actions}
-        if not dry_run:  # Slurm checks every job first: a refused one leaves nothing of the chain queued
-            for a in actions:
-                for role, path in scripts[a.stage.name].items():
-                    slurm.sbatch(path, array=_ranges(a.todo) if role == "array" else None, stage=a.stage.name,
-                                 test_only=True)
+        if not dry_run:
+            _check_with_slurm(actions, scripts)
         new_jobs: dict[str, list[str]] = {}
         live = {name: st.live_jobs for name, st in statuses.items() if st.live_jobs}
         submitted: list[str] = []
@@ -201,23 +199,55 @@ def _decide(wf: Workflow, state: Any, statuses: dict, lo: int, hi: int, forced: 
             continue
         if st.state == "running":
             raise GraftError(f"stage {stage.name!r} is being run by {st.reason}. Fix: wait for it to finish")
-        res = slurm.stage_resources(stage, wf.slurm)
-        rec = state.record(stage.name)
-        same = (rec.get("state") == "slurm" and rec.get("config_fp") == _config_fp(stage, state.hash_cache)
-                and not upstream_redo and stage.name not in forced and stage.kind.resumable)
-        action = _Action(stage, after=upstream_redo, fresh=not same)
-        if stage.kind.array:  # one task: a plain job (no array, no finalize step)
-            action.tasks = rec.get("tasks", 1) if same else _array_size(wf, stage, res)
-            action.todo = [t for t in range(action.tasks)
-                           if not same or _marker(wf, stage.name, f"task-{t}").get("state") != "completed"]
+        action = _action_for(wf, state, stage, st, upstream_redo, forced)
         redo.add(stage.name)
         actions.append(action)
-        if action.fresh:
-            why = "forced (--force)" if stage.name in forced else st.reason
-            echo(f"{tag}: {why}; submitting")
-        else:
-            echo(f"{tag}: {st.state} ({st.reason}); resubmitting what is not complete")
+        _echo_action(action, st, tag, echo)
     return actions
+
+
+def _echo_action(action: _Action, st: Any, tag: str, echo: Echo) -> None:
+    if action.fresh:
+        echo(f"{tag}: {'forced (--force)' if action.stage.name in action.forced else st.reason}; submitting")
+    else:
+        echo(f"{tag}: {st.state} ({st.reason}); resubmitting what is not complete")
+
+
+def _action_for(wf: Workflow, state: Any, stage: Stage, st: Any, upstream_redo: list[str],
+                forced: set[str]) -> _Action:
+    """Submit afresh, or (a resumable stage with unchanged settings and inputs) only what is not complete."""
+    rec = state.record(stage.name)
+    unchanged = ((rec.get("state") == "slurm" and rec.get("config_fp") == _config_fp(stage, state.hash_cache))
+                 or (rec.get("state") in ("running", "failed") and rec.get("fingerprint") == st.fingerprint))
+    same = unchanged and stage.kind.resumable and not upstream_redo and stage.name not in forced
+    action = _Action(stage, after=upstream_redo, fresh=not same, forced=forced)
+    if stage.kind.array:  # one task: a plain job (no array, no finalize step)
+        action.tasks = rec.get("tasks", 1) if same and rec.get("state") == "slurm" else \
+            _array_size(wf, stage, slurm.stage_resources(stage, wf.slurm))
+        action.todo = [t for t in range(action.tasks)
+                       if not same or _marker(wf, stage.name, f"task-{t}").get("state") != "completed"]
+    return action
+
+
+def submit_stage(wf: Workflow, state: Any, stage: Stage, st: Any, tag: str, echo: Echo) -> list[str]:
+    """The local executor's way to run a `launch.mode = "slurm"` stage: submit it alone (its upstream is
+    done), record its job, and let `graft run` stop until the job has finished."""
+    action = _action_for(wf, state, stage, st, [], set())
+    _echo_action(action, st, tag, echo)
+    scripts = _write_scripts(wf, action, dry_run=False)
+    _check_with_slurm([action], {stage.name: scripts})
+    ids = _submit(wf, state, st, action, scripts, [], False, echo)
+    echo(f"  the stages after it need its output: run `graft run {wf.path}` again once job {ids[-1]} has "
+         f"finished (`graft status {wf.path}` follows it)")
+    return ids
+
+
+def _check_with_slurm(actions: list[_Action], scripts: dict[str, dict[str, Path]]) -> None:
+    """`sbatch --test-only` for every job first: a refused one leaves nothing of the chain queued."""
+    for a in actions:
+        for role, path in scripts[a.stage.name].items():
+            slurm.sbatch(path, array=_ranges(a.todo) if role == "array" else None, stage=a.stage.name,
+                         test_only=True)
 
 
 def _write_scripts(wf: Workflow, a: _Action, dry_run: bool) -> dict[str, Path]:
@@ -265,6 +295,8 @@ def _submit(wf: Workflow, state: Any, st: Any, a: _Action, scripts: dict[str, Pa
         return []
     rec = state.record(name)
     if a.fresh:
+        changed = engine._what_changed(rec, st.fingerprint, st.inputs, a.stage) if "config" in rec else st.reason
+        engine.keep_partial_work(a.stage, "forced (--force)" if name in a.forced else changed)
         engine._clear_output(a.stage, owned=bool(rec) and rec.get("out") == str(a.stage.out))
         shutil.rmtree(marker_dir(wf, name), ignore_errors=True)
     else:
@@ -280,7 +312,8 @@ def _submit(wf: Workflow, state: Any, st: Any, a: _Action, scripts: dict[str, Pa
     if "main" in scripts:
         job = slurm.sbatch(scripts["main"], after=after, stage=name)
         jobs.append({"id": job, "role": "job", "log": _log_of(scripts["main"])})
-    state.stages[name] = {"state": "slurm", "fingerprint": st.fingerprint,
+    state.stages[name] = {"state": "slurm", "fingerprint": st.fingerprint, "config": engine.effective_values(a.stage),
+                          "inputs": st.inputs,
                           "config_fp": _config_fp(a.stage, state.hash_cache), "out": str(a.stage.out),
                           "submitted": time.time(), "jobs": jobs, "tasks": a.tasks}
     state.save()  # after each stage: a failure further on still leaves these jobs recorded
@@ -342,7 +375,9 @@ def run_stage_job(wf: Workflow, name: str, *, task: int | None = None, tasks: in
         if write_config:
             from workflows.launch import LAUNCHERS
 
-            LAUNCHERS[stage.kind.name](engine._stage_config(wf, stage), stage.launch, wf.home, stage.name)
+            cfg = engine._stage_config(wf, stage)
+            cfg.progress = False  # a log file, not a terminal
+            LAUNCHERS[stage.kind.name](cfg, stage.launch, wf.home, stage.name)
             return
         if not record:
             cfg = engine._stage_config(wf, stage)

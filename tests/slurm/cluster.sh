@@ -7,7 +7,8 @@
 #
 # Needs root and Debian's `slurm-wlm` and `munge` packages (.ci/run installs them). DIR defaults to
 # /tmp/graft-slurm. Settings that work without cgroups or accounting (checked on these machines):
-# proctrack/linuxproc, task/none, select/cons_tres, no accounting storage, no job accounting.
+# proctrack/linuxproc, task/none, select/cons_tres, no accounting storage, no job accounting; two
+# count-only GPUs so that GPU stages can be scheduled (they run on the CPU).
 set -euo pipefail
 cmd=${1:-start}
 dir=$(realpath -m "${2:-/tmp/graft-slurm}")
@@ -52,12 +53,19 @@ SchedulerType=sched/backfill
 ReturnToService=2
 MinJobAge=600
 MpiDefault=none
-NodeName=$node CPUs=$(nproc) RealMemory=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 512 )) State=UNKNOWN
+GresTypes=gpu
+NodeName=$node CPUs=$(nproc) RealMemory=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 512 )) Gres=gpu:2 State=UNKNOWN
 PartitionName=debug Nodes=$node Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 CONF
+  # Two count-only "GPUs" (no device files): enough for Slurm to schedule a train job's --gres=gpu:N
+  # on this CPU machine, where the job itself then runs accelerate on the CPU.
+  printf "NodeName=%s Name=gpu File=/dev/null\nNodeName=%s Name=gpu File=/dev/zero\n" "$node" "$node" > "$dir/gres.conf"
   export SLURM_CONF="$conf"
+  if scontrol ping >/dev/null 2>&1 && ! scontrol show node "$node" | grep -q 'Gres=gpu:2'; then
+    stop; sleep 1  # started with an older slurm.conf
+  fi
   if ! scontrol ping >/dev/null 2>&1; then
-    /usr/sbin/slurmctld -f "$conf"
+    /usr/sbin/slurmctld -c -f "$conf"  # -c: no node or job state from an earlier cluster
     /usr/sbin/slurmd -f "$conf"
   fi
   for _ in $(seq 1 60); do
