@@ -87,7 +87,12 @@ def test_reduced_demo_kill_resume_skip(tmp_path):
     assert states["report"]["state"] == "pending"
     ids = {s: read_manifest(wf.stage(s).out)["workflow"]["output_id"] for s in before}
 
-    # 2. Re-run: finished stages are skipped, training resumes from its checkpoint, the rest runs.
+    # 2. Change how often training evaluates and logs (cadence, not what it learns), then re-run:
+    # finished stages are skipped, training resumes from its checkpoint, the rest runs.
+    raw = tomllib.loads(wf_path.read_text(encoding="utf-8"))
+    raw["train"].update(eval_every=2, eval_blocks=3, log_every=2)
+    wf_path.write_text(tomli_w.dumps(raw), encoding="utf-8")
+    assert {r["stage"]: r["state"] for r in status_rows(wf_path)}["train"] == "failed"
     out = _finish(_graft("run", str(wf_path), cwd=tmp_path))
     for s in before:
         assert f"{s}: skipped, unchanged" in out
@@ -147,11 +152,14 @@ def test_full_recipe_parses_and_validates():
     assert "Mixtral-8x7B-v0.1" in wf.stage("embed_init").values["model"]
 
 
-def test_slurm_stage_writes_sbatch_and_waits(tmp_path):
-    """A `launch.mode = "slurm"` training stage writes its TOML + sbatch script and stops the run;
-    once its output is finished (here: written by hand, as the job would), the next run adopts it."""
+def test_slurm_stage_writes_sbatch_and_waits(tmp_path, monkeypatch):
+    """Where `sbatch` is not on PATH, a `launch.mode = "slurm"` training stage writes its TOML + sbatch
+    script and stops the run; once its output is finished (here: written by hand, as the job would),
+    the next run adopts it. (With sbatch, tests/test_workflow_slurm.py submits it for real.)"""
     from common.io import write_manifest
     from workflows.engine import run_workflow
+
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))  # no Slurm commands
 
     (tmp_path / "model").mkdir()
     wf_path = tmp_path / "w.toml"
