@@ -427,6 +427,19 @@ def test_train_stage_runs_as_a_slurm_job_under_accelerate(slurm_cluster, tmp_pat
     assert "train: skipped, unchanged" in out and "after: done" in out
 
 
+def test_time_limit_shows_as_timeout_with_its_log(slurm_cluster, tmp_path):
+    a = tmp_path / "w"
+    write_workflow(a, SLEEPY.replace("sleep_s = 120", "sleep_s = 600") + '\n[slurm.slow]\ntime = "00:01:00"\n')
+    graft(a, "run", "wf.toml", "--executor", "slurm")
+    job = state_records(a)["slow"]["jobs"][0]["id"]
+    rows = wait_until_settled(a, timeout=240)  # Slurm enforces limits every 30 s, so 60-120 s
+    assert rows["slow"]["state"] == "timeout" and f"job {job} timeout (TimeLimit)" in rows["slow"]["why"]
+    assert rows["slow"]["log"].endswith(f"slow-{job}.out")
+    assert rows["after_slow"]["state"] == "cancelled"
+    marker = json.loads((a / "runs/t/slurm/markers/slow/job.json").read_text())
+    assert marker["state"] == "failed" and "SIGTERM" in marker["error"]
+
+
 def test_unknown_partition_passes_slurms_message_with_the_stage(slurm_cluster, tmp_path):
     a = tmp_path / "w"
     write_workflow(a, FLAKY + '\n[slurm.last]\npartition = "nosuch"\n')

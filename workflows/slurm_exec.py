@@ -365,6 +365,12 @@ def run_stage_job(wf: Workflow, name: str, *, task: int | None = None, tasks: in
 
     from workflows import engine
 
+    import signal
+
+    def _on_sigterm(signum, frame):  # Slurm's time limit or scancel: leave a failed marker, then exit
+        raise SystemExit(143)
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
     stage = wf.stage(name)
     label = f"task-{task}" if task is not None else ("finalize" if finalize else "job")
     marker = marker_dir(wf, name) / f"{label}.json"
@@ -397,7 +403,8 @@ def run_stage_job(wf: Workflow, name: str, *, task: int | None = None, tasks: in
                                  slurm_job=job["job"])
         atomic_write_json(marker, {"state": "completed", **job, "finished": time.time()})
     except BaseException as e:
-        err = "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else f"{type(e).__name__}: {e}"
+        err = ("interrupted (SIGTERM: time limit or scancel)" if isinstance(e, SystemExit) else
+               "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}")
         atomic_write_json(marker, {"state": "failed", "error": err.splitlines()[0][:500], **job,
                                    "finished": time.time()})
         raise
