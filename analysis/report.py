@@ -324,7 +324,7 @@ def _bpb(doc: Doc, cfg: ReportConfig, out: Path, summary: list[str]) -> None:
     _finished(cfg.eval, "eval.bpb")
     res = read_json(Path(cfg.eval) / "bpb.json")
     labels = list(res)
-    dev_sets = [k for k in res[labels[0]] if isinstance(res[labels[0]][k], dict)]
+    dev_sets = [k for k, v in res[labels[0]].items() if isinstance(v, dict) and "bpb" in v]
     doc.h(2, "Dev bits per byte")
     loads = {lab: res[lab].get("load") for lab in labels}
     how = "; ".join(f"{lab}: {_load_words(ld)}" for lab, ld in loads.items() if ld) or "full precision"
