@@ -171,6 +171,7 @@ def test_bits_per_byte_predicts_eos_after_each_document(tiny, news_lines):
     r = bits_per_byte(model, tok, texts, bos=1, eos=2, max_len=512, batch_size=3)
     assert r["tokens"] == sum(len(e) - 1 for e in encs)
     assert r["bytes"] == sum(len(t.encode("utf-8")) for t in texts)  # EOS is predicted but adds no bytes
+    assert r["tokens_per_byte"] == (r["tokens"] - len(texts)) / r["bytes"]  # the tokenizer's text tokens only
     assert r["nats"] == pytest.approx(sum(_direct_nats(model, e, None) for e in encs), rel=1e-5)
 
 

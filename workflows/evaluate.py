@@ -198,7 +198,8 @@ def corpus_bos(corpus: str) -> bool:
 
 def bits_per_byte(model, tok, texts: list[str], *, bos: int, eos: int | None = None, max_len: int = 256,
                   batch_size: int = 8) -> dict[str, float]:
-    """Summed nats, tokens, bytes, mean loss per token and bits per byte of `texts` under `model`.
+    """Summed nats, predicted tokens, bytes, mean loss per token and bits per byte of `texts` under `model`,
+    and the tokenizer's text tokens per byte (without BOS/EOS).
 
     Each document is `bos` + its tokens (+ `eos`, predicted too, when given): `bos` is the token every
     document is conditioned on (BOS; the EOS of the previous document for a corpus without BOS).
@@ -210,12 +211,13 @@ def bits_per_byte(model, tok, texts: list[str], *, bos: int, eos: int | None = N
     if max_len < 2:
         raise GraftError("max_len must be >= 2")
     windows: list[list[int]] = []
-    n_bytes = n_tokens = 0
+    n_bytes = n_tokens = n_text = 0
     tail = [] if eos is None else [eos]
     for enc, text in zip(tok.encode_batch(list(texts), add_special_tokens=False), texts):
         ids = [bos] + enc.ids + tail
         n_bytes += len(text.encode("utf-8"))
         n_tokens += len(ids) - 1
+        n_text += len(enc.ids)
         start = 0
         while start < len(ids) - 1:
             windows.append(ids[start:start + max_len])
@@ -238,7 +240,7 @@ def bits_per_byte(model, tok, texts: list[str], *, bos: int, eos: int | None = N
                                           ignore_index=-100, reduction="sum"))
     model.train(was_training)
     return {"nats": nats, "tokens": n_tokens, "bytes": n_bytes, "loss": nats / max(1, n_tokens),
-            "bpb": nats / math.log(2) / max(1, n_bytes), "tokens_per_byte": n_tokens / max(1, n_bytes)}
+            "bpb": nats / math.log(2) / max(1, n_bytes), "tokens_per_byte": n_text / max(1, n_bytes)}
 
 
 @dataclass
