@@ -243,7 +243,7 @@ def test_pipeline_through_slurm_equals_local_run(slurm_cluster, tmp_path):
 
     rows = wait_until_settled(a)
     assert {n: r["state"] for n, r in rows.items()} == dict.fromkeys(rows, "done"), rows
-    assert rows["prep_all"]["jobs"] == f"{array['id']}[3 tasks],{finalize['id']}"
+    assert rows["prep_all"]["jobs"] == f"{array['id']}_[0-2],{finalize['id']}"
     for t in range(3):  # each task ran its own shard group, in its own job
         log = a / "runs/t/slurm/logs" / f"prep_all-{array['id']}_{t}.out"
         assert "this task: 1" in log.read_text()
@@ -502,6 +502,14 @@ def test_slurm_table_errors_at_load_time(tmp_path):
     assert "[slurm.first] tasks = 4: stage kind 'test_workflow_slurm:note' does not run as a job array" in msg
     assert ("[slurm.train] stage 'train' (continual.train) needs GPUs, but gpus_per_node = 0. Fix: set "
             "gpus_per_node in [train.launch] or [slurm.train]") in msg
+
+
+def test_demo_plans_its_slurm_jobs(tmp_path):
+    """The README's `graft run workflows/demo.toml --executor slurm --to mix`, as a dry run."""
+    out = graft(tmp_path, "run", str(REPO / "workflows" / "demo.toml"), "--runs", str(tmp_path / "runs"),
+                "--executor", "slurm", "--to", "mix", "--dry-run").stdout
+    assert out.count("would run: sbatch") == 11  # 10 stages; prep_zh and prep_en are one plain job each
+    assert "[11/15] mix: never run; submitting" in out and "/train.sbatch" not in out
 
 
 def test_chinese_mixtral_recipe_plans_its_slurm_jobs(tmp_path):

@@ -60,8 +60,8 @@ def query_records(state: Any) -> dict[str, slurm.JobInfo]:
 
 
 def job_ids(rec: dict[str, Any]) -> str:
-    """'12[3 tasks],13': a record's Slurm jobs, for `graft status`."""
-    return ",".join(f"{j['id']}[{len(j['tasks'])} tasks]" if j["role"] == "array" else j["id"]
+    """'12_[0-2],13' (squeue's notation for array tasks): a record's Slurm jobs, for `graft status`."""
+    return ",".join(f"{j['id']}_[{_ranges(j['tasks'])}]" if j["role"] == "array" else j["id"]
                     for j in rec.get("jobs", []))
 
 
