@@ -329,8 +329,8 @@ def _bpb(doc: Doc, cfg: ReportConfig, out: Path, summary: list[str]) -> None:
     loads = {lab: res[lab].get("load") for lab in labels}
     how = "; ".join(f"{lab}: {_load_words(ld)}" for lab, ld in loads.items() if ld) or "full precision"
     doc.p("The same held-out documents, scored by each model with its own tokenizer; bits per UTF-8 byte "
-          "compare across vocabularies (lower is better). Each document is scored as training blocks hold it "
-          f"({'BOS' if _eval_bos(cfg.eval) else 'no BOS'}, text, EOS). Loaded as: {how}.")
+          f"compare across vocabularies (lower is better). {_layout_words(read_manifest(cfg.eval).get('bos'))} "
+          f"Loaded as: {how}.")
     doc.table(["model", "vocab"] + [f"{d} bpb" for d in dev_sets] + [f"{d} tokens/byte" for d in dev_sets],
               [[lab, res[lab]["vocab_size"]] + [res[lab][d]["bpb"] for d in dev_sets]
                + [res[lab][d]["tokens_per_byte"] for d in dev_sets] for lab in labels])
@@ -345,8 +345,11 @@ def _load_words(ld: dict[str, Any]) -> str:
     return (f"NF4 4-bit (compute {ld['dtype']})" if ld["mode"] == "nf4" else ld["dtype"]) + f" on {ld['device']}"
 
 
-def _eval_bos(folder: str) -> bool:
-    return read_manifest(folder).get("bos", True)
+def _layout_words(bos: bool | None) -> str:
+    if bos is None:  # an eval.bpb folder written before BOS was one setting
+        return "Each document was scored as BOS + text (EOS not predicted)."
+    start = "BOS" if bos else "the previous document's EOS (corpus without BOS)"
+    return f"Each document is scored as the training blocks hold it: {start}, text, EOS."
 
 
 def _merged(doc: Doc, cfg: ReportConfig, summary: list[str]) -> dict[str, Any]:

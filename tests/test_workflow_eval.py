@@ -286,7 +286,7 @@ def test_eval_stage_loads_nf4_when_full_precision_does_not_fit(small_ckpt, tmp_p
     from analysis.report import ReportConfig, write_report
 
     md = (write_report(ReportConfig(out=str(tmp_path / "r"), eval=str(out))) / "report.md").read_text()
-    assert "Loaded as: m: NF4 4-bit (compute float32) on cpu." in md and "(BOS, text, EOS)" in md
+    assert "Loaded as: m: NF4 4-bit (compute float32) on cpu." in md and "hold it: BOS, text, EOS." in md
     assert "| m | 32,000 | " in md and md.count(" bpb |") == 1  # one dev set: the load record is not a column
 
 
