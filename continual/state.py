@@ -121,21 +121,34 @@ def verify_checkpoint(ckpt: Path) -> None:
                               f"delete {ckpt} to resume from the previous checkpoint")
 
 
-def load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank: int = 0, world: int = 1) -> dict[str, Any]:
-    """Restore trainable weights, optimizer, scheduler and this rank's RNG; return state.json."""
-    import torch
-    from safetensors.torch import load_file
-
-    verify_checkpoint(ckpt)
+def check_processes(ckpt: Path, world: int, engine: str | None = None) -> dict[str, Any]:
+    """state.json of a checkpoint; an error when it was written under another engine (ddp/single and
+    deepspeed-zero2/-zero3/fsdp lay out the optimizer state differently), or is sharded and was written by
+    another number of processes."""
     state = json.loads((ckpt / "state.json").read_text())
-    sharded = bool(state.get("sharded"))
-    if sharded and state.get("processes", 1) != world:
+    saved = state.get("engine")
+    if engine is not None and saved is not None and saved != engine and {saved, engine} != {"ddp", "single"}:
+        raise input_error(ckpt / "state.json", f"this checkpoint was written under {saved}, this run uses {engine}",
+                          f"resume under the same engine (graft train --launch-config {saved}, or accelerate "
+                          "launch with that config), or start a new run in another `out`")
+    if state.get("sharded") and state.get("processes", 1) != world:
         n = state.get("processes")
         raise input_error(ckpt / "state.json", f"this sharded (DeepSpeed/FSDP) checkpoint was written by {n} "
                                                f"processes, this run has {world}; each process holds its own shard "
                                                "of the optimizer state",
                           f"resume with {n} processes (accelerate launch --num_processes {n}, or --nodes x "
                           f"--gpus-per-node = {n}), or start a new run in another `out`")
+    return state
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank: int = 0, world: int = 1) -> dict[str, Any]:
+    """Restore trainable weights, optimizer, scheduler and this rank's RNG; return state.json."""
+    import torch
+    from safetensors.torch import load_file
+
+    verify_checkpoint(ckpt)
+    state = check_processes(ckpt, world)
+    sharded = bool(state.get("sharded"))
     suffix = f"-rank{rank}" if sharded else ""
     saved = load_file(str(ckpt / f"trainable{suffix}.safetensors"))
     params = dict(model.named_parameters())

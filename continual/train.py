@@ -5,6 +5,7 @@ continual/launch/ (DDP, DeepSpeed ZeRO-2/3, FSDP). See docs/continual.md.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from continual import model as M
 from continual.config import TrainConfig
 from continual.fingerprint import base_fingerprint
 from continual.metrics import MetricsLogger
-from continual.state import checkpoint_dirs, load_checkpoint, save_checkpoint
+from continual.state import check_processes, checkpoint_dirs, load_checkpoint, save_checkpoint
 
 ADAPTER_DIR = "adapter"
 RUN_CONFIG = "train_config.json"
@@ -93,10 +94,35 @@ def evaluate(model, dev_ds, n_blocks: int, micro_batch_size: int, accelerator, a
 
 
 def _zero_contribution(params):
-    """0 x the sum of every trainable parameter: adds nothing to the loss or the gradients, but puts each
-    parameter in the autograd graph, so DDP's reducer sees a gradient for experts no token was routed to and
-    for new-row deltas of batches without new ids (see benchmarks/bench_unused_params.py for the choice)."""
+    """0 x the sum of every trainable parameter: adds nothing to the loss, but gives each parameter a gradient
+    (zero where the step did not use it). DDP's reducer then sees a gradient for experts no token was routed to
+    and for new-row deltas of batches without new ids, and AdamW steps every parameter each step, as under
+    DeepSpeed's flat buffers. Cheaper than find_unused_parameters: benchmarks/bench_unused_params.py.
+
+    Built *before* the forward: autograd runs its backward last, so every parameter's gradient is complete at
+    that point and reaches the engine in the order of `params` on every rank, whichever experts the rank's
+    tokens were routed to. DeepSpeed ZeRO-2 reduces gradients in the order they arrive and pairs up the wrong
+    ones across ranks otherwise (measured: expert LoRA weights off by 100% after 4 steps; without the term at
+    all, a rank aborts in step 2)."""
     return sum(p.sum() for p in params) * 0.0
+
+
+@contextlib.contextmanager
+def _whole_params_for_peft(zero3: bool):
+    """Under ZeRO-3 peft gathers the embedding rows that new-rows trains from partitioned weights, on CUDA only
+    ("right now, only CUDA is implemented"). Our weights are whole at that point (a 4-bit model loads without
+    zero.Init; DeepSpeed partitions it in prepare), so peft is told ZeRO-3 is off while it wraps the model."""
+    if not zero3:
+        yield
+        return
+    from transformers.integrations import deepspeed as hf_ds
+
+    ref = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = ref
 
 
 def _make_accelerator(cfg: TrainConfig, launch: dict | None):
@@ -134,7 +160,6 @@ def _make_accelerator(cfg: TrainConfig, launch: dict | None):
 
 def train(cfg: TrainConfig) -> Path:
     """Train a QLoRA adapter per `cfg`; returns OUT (with OUT/adapter). Re-running resumes."""
-    import contextlib
     import functools
 
     import torch
@@ -182,19 +207,6 @@ def train(cfg: TrainConfig) -> Path:
                           "add data or lower micro_batch_size/grad_accum")
     total_steps = cfg.max_steps or per_epoch * cfg.epochs
 
-    ckpts = checkpoint_dirs(out)
-    if ckpts and not cfg.resume:
-        raise input_error(out, "already holds checkpoints of a run", "set resume = true to continue it, or "
-                                                                     "choose another out")
-    if ckpts:
-        _check_resume_config(out, cfg)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / RUN_CONFIG, cfg)
-
-    # ---- model ----
-    compute_dtype = M.resolve_compute_dtype(cfg.compute_dtype)
-    torch.manual_seed(cfg.seed)
     from accelerate.utils import DistributedType
 
     fsdp = accelerator.distributed_type == DistributedType.FSDP
@@ -202,6 +214,23 @@ def train(cfg: TrainConfig) -> Path:
     zero3 = ds_plugin is not None and getattr(ds_plugin, "zero_stage", 0) == 3
     # Engines whose processes each hold only a shard of the optimizer state (and maybe the parameters).
     sharded = fsdp or accelerator.distributed_type == DistributedType.DEEPSPEED
+    engine = ("fsdp" if fsdp else f"deepspeed-zero{ds_plugin.zero_stage}" if ds_plugin is not None
+              else "ddp" if world > 1 else "single")
+
+    ckpts = checkpoint_dirs(out)
+    if ckpts and not cfg.resume:
+        raise input_error(out, "already holds checkpoints of a run", "set resume = true to continue it, or "
+                                                                     "choose another out")
+    if ckpts:
+        _check_resume_config(out, cfg)
+        check_processes(ckpts[-1], world, engine)  # before the model loads
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / RUN_CONFIG, cfg)
+
+    # ---- model ----
+    compute_dtype = M.resolve_compute_dtype(cfg.compute_dtype)
+    torch.manual_seed(cfg.seed)
     if (fsdp or zero3) and cfg.quant_storage != "bfloat16":
         raise GraftError(f"{'FSDP' if fsdp else 'DeepSpeed ZeRO-3'} shards only float tensors. Fix: set "
                          'quant_storage = "bfloat16" in the train config')
@@ -220,7 +249,8 @@ def train(cfg: TrainConfig) -> Path:
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = M.add_adapters(model, cfg, len(tokenizer), new_rows_start, upcast=not fsdp)
+    with _whole_params_for_peft(zero3):
+        model = M.add_adapters(model, cfg, len(tokenizer), new_rows_start, upcast=not fsdp)
 
     emb_names = M.embedding_param_names(model)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -232,11 +262,13 @@ def train(cfg: TrainConfig) -> Path:
     warmup = max(1, round(cfg.warmup_ratio * total_steps)) if cfg.warmup_ratio > 0 else 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, cfg.min_lr_ratio))
     model, optimizer = accelerator.prepare(model, optimizer)
-    # Several processes: a parameter without a gradient in a step (an expert no token was routed to, new-row
-    # deltas of a batch without new ids) must not stall the gradient reduction. ZeRO-3 sees each MoE block as
-    # one leaf (launch YAML) and reduces partitions itself.
+    # A parameter without a gradient in a step (an expert no token was routed to, new-row deltas of a batch
+    # without new ids) must not stall DDP's gradient reduction, and every engine must step it alike: DeepSpeed
+    # and FSDP keep flat buffers, where it gets a zero gradient (AdamW then decays its moments and counts the
+    # step). So it gets an explicit zero gradient everywhere, one process included; ZeRO-3 (parameters
+    # partitioned outside forward, each MoE block one leaf per the launch YAML) does so by itself.
     train_params = [p for _, p in trainable]
-    every_param_used = world > 1 and not zero3
+    every_param_used = not zero3
     raw_model = accelerator.unwrap_model(model)
 
     step, micro_pos, tokens = 0, 0, 0
@@ -274,9 +306,10 @@ def train(cfg: TrainConfig) -> Path:
             micro_pos += 1
             batch = _batch(train_ds, idx, device)
             with accelerator.accumulate(model):
+                zero = _zero_contribution(train_params) if every_param_used else None  # before the forward
                 with autocast():
                     res = model(input_ids=batch, labels=batch, output_router_logits=use_aux, use_cache=False)
-                accelerator.backward(res.loss + _zero_contribution(train_params) if every_param_used else res.loss)
+                accelerator.backward(res.loss if zero is None else res.loss + zero)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
@@ -307,7 +340,8 @@ def train(cfg: TrainConfig) -> Path:
                        **dev, elapsed_s=round(time.time() - started, 3))
         if (cfg.save_every and step % cfg.save_every == 0) and step < total_steps:
             save_checkpoint(out, step, raw_model, optimizer, scheduler,
-                            {"micro_pos": micro_pos, "tokens": tokens}, cfg.keep_checkpoints, rank, world,
+                            {"micro_pos": micro_pos, "tokens": tokens, "engine": engine}, cfg.keep_checkpoints,
+                            rank, world,
                             barrier=accelerator.wait_for_everyone, sharded=sharded)
     bar.close()
     logger.close()
