@@ -81,26 +81,14 @@ class SlurmSpec:
 
 def parse_slurm_table(table: Any, stage_names: list[str], errors: list[str]) -> SlurmSpec:
     """Validate `[slurm]`: scalar keys are defaults, sub-tables are per-stage settings."""
-    from workflows.spec import _Mismatch, _describe, _suggest, coerce, config_fields, type_name
+    from workflows.spec import _describe, _suggest, coerce_table
 
     spec = SlurmSpec()
     if not isinstance(table, dict):
         errors.append(f"[slurm] must be a table, got {_describe(table)}")
         return spec
-    fields = config_fields(SlurmResources)
-
-    def take(where: str, src: dict, dst: dict) -> None:
-        for key, value in src.items():
-            if key not in fields:
-                errors.append(f"{where} unknown key {key!r}{_suggest(key, list(fields))}. "
-                              f"Valid keys: {', '.join(fields)}")
-                continue
-            try:
-                dst[key] = coerce(value, fields[key][1])
-            except _Mismatch:
-                errors.append(f"{where} key {key!r}: expected {type_name(fields[key][1])}, got {_describe(value)}")
-
-    take("[slurm]", {k: v for k, v in table.items() if not isinstance(v, dict)}, spec.defaults)
+    spec.defaults = coerce_table(SlurmResources, {k: v for k, v in table.items() if not isinstance(v, dict)},
+                                 "[slurm]", errors)
     for name, sub in table.items():
         if not isinstance(sub, dict):
             continue
@@ -108,8 +96,7 @@ def parse_slurm_table(table: Any, stage_names: list[str], errors: list[str]) -> 
             errors.append(f"[slurm.{name}] names no stage{_suggest(name, stage_names)}. Fix: use a stage name "
                           f"({', '.join(stage_names)})")
             continue
-        spec.stages[name] = {}
-        take(f"[slurm.{name}]", sub, spec.stages[name])
+        spec.stages[name] = coerce_table(SlurmResources, sub, f"[slurm.{name}]", errors)
     return spec
 
 

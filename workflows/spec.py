@@ -421,24 +421,29 @@ class _Placeholders(dict):
         return Path(f"<{key}>")
 
 
+def coerce_table(cls: type, table: dict[str, Any], where: str, errors: list[str]) -> dict[str, Any]:
+    """The keys of a settings table checked against the dataclass `cls`; problems go to `errors`."""
+    fields = config_fields(cls)
+    values = {}
+    for key, value in table.items():
+        if key not in fields:
+            errors.append(f"{where} unknown key {key!r}{_suggest(key, list(fields))}. Valid keys: "
+                          f"{', '.join(fields)}")
+            continue
+        try:
+            values[key] = coerce(value, fields[key][1])
+        except _Mismatch:
+            errors.append(f"{where} key {key!r}: expected {type_name(fields[key][1])}, got {_describe(value)}")
+    return values
+
+
 def _launch_spec(table: Any, kind: str, where: str, errors: list[str]) -> Any:
     from workflows.launch import LaunchSpec, check_launch
 
     if not isinstance(table, dict):
         errors.append(f"{where} key 'launch': expected a table ([{where[1:-1]}.launch]), got {_describe(table)}")
         return LaunchSpec()
-    fields = config_fields(LaunchSpec)
-    values = {}
-    for key, value in table.items():
-        if key not in fields:
-            errors.append(f"{where} launch: unknown key {key!r}{_suggest(key, list(fields))}. Valid keys: "
-                          f"{', '.join(fields)}")
-            continue
-        try:
-            values[key] = coerce(value, fields[key][1])
-        except _Mismatch:
-            errors.append(f"{where} launch key {key!r}: expected {type_name(fields[key][1])}, got {_describe(value)}")
-    spec = LaunchSpec(**values)
+    spec = LaunchSpec(**coerce_table(LaunchSpec, table, f"{where} launch:", errors))
     try:
         check_launch(kind, spec)
     except GraftError as e:
