@@ -255,6 +255,12 @@ def test_pipeline_through_slurm_equals_local_run(slurm_cluster, tmp_path):
     assert assert_same_outputs(a, b, ["corpora", "prep_all", "prep_dev", "mix"]) > 20
     # The local executor sees the Slurm run as done.
     assert "4 stage(s)" not in graft(a, "run", "wf.toml").stdout
+    # A stage whose jobs completed, then whose settings changed, is stale like any other.
+    wf = a / "wf.toml"
+    wf.write_text(wf.read_text().replace("0.5:{@prep_dev}", "1:{@prep_dev}"))
+    rows = status(a)
+    assert rows["mix"]["state"] == "stale" and rows["mix"]["why"] == "config changed: spec"
+    assert [rows[s]["state"] for s in ("corpora", "prep_all", "prep_dev")] == ["done"] * 3
 
 
 FLAKY = """

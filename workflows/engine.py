@@ -227,8 +227,11 @@ def plan(wf: Workflow, state: State, trusted: set[str] = frozenset()) -> list[St
         section = _workflow_section(stage.out)
         not_done = [d for d in stage.deps if result[d].state != "done" and d not in trusted]
         duration = (section or {}).get("duration_s") or rec.get("duration_s")
+        from_slurm = None
         if rec.get("state") == "slurm" and not (section and section.get("fingerprint") == fp and not not_done):
-            st = slurm_exec.stage_status(wf, stage, rec, jobs, fp, inputs)
+            from_slurm = slurm_exec.stage_status(wf, stage, rec, jobs, fp, inputs, has_output=section is not None)
+        if from_slurm is not None:
+            st = from_slurm
         elif rec.get("state") == "running" and _pid_alive(rec.get("pid"), rec.get("host")):
             st = StageStatus(stage, "running", f"pid {rec.get('pid')} on {rec.get('host')}", fp, inputs)
         elif rec.get("state") == "submitted" and rec.get("fingerprint") == fp:

@@ -78,9 +78,10 @@ def _job_units(rec: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 
 def stage_status(wf: Workflow, stage: Stage, rec: dict[str, Any], jobs: dict[str, slurm.JobInfo],
-                 fp: str, inputs: dict[str, Any]):
+                 fp: str, inputs: dict[str, Any], has_output: bool = False):
     """A Slurm-run stage's state from its jobs: the first of running, pending, failed, timeout,
-    cancelled, lost (unknown to Slurm and no marker) that any job is in; else completed."""
+    cancelled, lost (unknown to Slurm and no marker) that any job is in. None when every job completed
+    and the stage has a finished output: whether that is done or stale is the plan's usual rule."""
     from workflows.engine import StageStatus
 
     seen: list[tuple[str, str, str, str]] = []  # state, key, reason, log
@@ -97,6 +98,8 @@ def stage_status(wf: Workflow, stage: Stage, rec: dict[str, Any], jobs: dict[str
     live = [key for state, key, _, _ in seen if state in slurm.LIVE]
     worst = min(seen, key=lambda s: _ORDER.index(s[0])) if seen else ("lost", "", "no jobs recorded", "")
     state, key, reason, log = worst
+    if state == "completed" and has_output:
+        return None
     if state == "completed":
         return StageStatus(stage, "failed", f"jobs {ids} completed, but {stage.out} has no finished output",
                            fp, inputs, jobs=ids, live_jobs=live)
