@@ -160,6 +160,8 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank: int = 0, worl
                                                        "new `out` folder")
     with torch.no_grad():
         for n, t in saved.items():
+            if hasattr(params[n], "ds_id") and params[n].shape != t.shape:
+                continue  # a ZeRO-3 partition (empty here or when saved): the optimizer's fp32 partition restores it
             if params[n].shape != t.shape:
                 raise input_error(ckpt, f"{n} has shape {tuple(t.shape)}, the model {tuple(params[n].shape)}",
                                   "resume with the config the run started with, or use a new `out` folder")
