@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import pytest
+import torch
 
 from common.errors import GraftError
 from continual import launcher
@@ -111,3 +113,244 @@ def test_corrupt_model_config_and_manifest_name_file_and_line(tmp_path):
     (tmp_path / "manifest.json").write_text("{")
     with pytest.raises(GraftError, match=r"manifest.json:1: not valid JSON"):
         find_new_rows_start(tmp_path, 38000, None)
+
+
+# ---- launch settings and train config from one source: disagreements are errors before any model loads ----
+
+def _launch_yaml(tmp_path, name: str, edit) -> dict:
+    """A shipped launch YAML with `edit` applied (as a user would change it), written and read back."""
+    import yaml
+
+    data = yaml.safe_load(launcher.config_path(name).read_text())
+    edit(data)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return launcher.read_launch_config(path)
+
+
+def test_launch_yaml_that_disagrees_with_the_train_config_is_refused(tmp_path):
+    cfg = TrainConfig(model="m", train_data="d", out="o", quant_storage="bfloat16", compute_dtype="float32",
+                      micro_batch_size=2, grad_accum=4, max_grad_norm=0.5)
+    where = tmp_path / "x.yaml"
+
+    def bf16(d):
+        d["mixed_precision"] = "bf16"
+    for name in launcher.LAUNCH_CONFIGS:
+        if name != "fsdp":  # FSDP has its own compute_dtype rule
+            with pytest.raises(GraftError, match=r"mixed_precision = 'bf16', but compute_dtype is float32.*"
+                                                 r"Fix: set mixed_precision: 'no'"):
+                launcher.check_train_config_for(_launch_yaml(tmp_path, name, bf16), cfg, where)
+
+    def clip(d):
+        d["deepspeed_config"]["gradient_clipping"] = 1.0
+    with pytest.raises(GraftError, match=r"x\.yaml: deepspeed_config\.gradient_clipping = 1\.0, but the train config "
+                                         r"has max_grad_norm = 0\.5.*Fix: set deepspeed_config\.gradient_clipping "
+                                         r"to 0\.5"):
+        launcher.check_train_config_for(_launch_yaml(tmp_path, "deepspeed-zero2", clip), cfg, where)
+
+    def accum(d):
+        d["deepspeed_config"]["gradient_accumulation_steps"] = 2
+    with pytest.raises(GraftError, match=r"gradient_accumulation_steps = 2, but the train config has grad_accum = 4"):
+        launcher.check_train_config_for(_launch_yaml(tmp_path, "deepspeed-zero3", accum), cfg, where)
+
+    # a DeepSpeed JSON named by the YAML: its values must be "auto" or agree
+    ds_json = tmp_path / "ds.json"
+
+    def use_json(d):
+        d["deepspeed_config"] = {"deepspeed_config_file": str(ds_json), "zero3_init_flag": False}
+    ds_json.write_text('{\n  "train_micro_batch_size_per_gpu": 4,\n  "zero_optimization": {"stage": 2}\n}\n')
+    with pytest.raises(GraftError, match=r"ds\.json: train_micro_batch_size_per_gpu = 4, but the train config has "
+                                         r"micro_batch_size = 2.*Fix: set train_micro_batch_size_per_gpu to 2"):
+        launcher.check_train_config_for(_launch_yaml(tmp_path, "deepspeed-zero2", use_json), cfg, where)
+    ds_json.write_text('{"bf16": {"enabled": true}, "zero_optimization": {"stage": 2}}')
+    with pytest.raises(GraftError, match=r"ds\.json: bf16\.enabled = True, but the train config has compute_dtype"):
+        launcher.check_train_config_for(_launch_yaml(tmp_path, "deepspeed-zero2", use_json), cfg, where)
+    ds_json.write_text('{"optimizer": {"type": "Adam"}, "zero_optimization": {"stage": 2}}')
+    with pytest.raises(GraftError, match=r"ds\.json: has a `optimizer` section.*Fix: remove `optimizer`"):
+        launcher.check_train_config_for(_launch_yaml(tmp_path, "deepspeed-zero2", use_json), cfg, where)
+    ds_json.write_text('{\n  "zero_optimization": {"stage": 2},\n  oops\n}')
+    with pytest.raises(GraftError, match=r"ds\.json:3: not valid JSON"):
+        launcher.check_train_config_for(_launch_yaml(tmp_path, "deepspeed-zero2", use_json), cfg, where)
+    ds_json.write_text('{"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": 0.5, '
+                       '"zero_optimization": {"stage": 2}}')
+    launcher.check_train_config_for(_launch_yaml(tmp_path, "deepspeed-zero2", use_json), cfg, where)
+    # the shipped YAMLs take every such setting from the train config, so they agree with it
+    for name in ("ddp", "deepspeed-zero2", "deepspeed-zero3"):
+        launcher.check_train_config_for(launcher.read_launch_config(launcher.config_path(name)), cfg, where)
+
+
+# ---- every shipped launcher runs for real: `graft train` under `accelerate launch` with 2 CPU processes (gloo) ----
+#
+# The model: a tiny Mixtral with 8 experts (top-2) and 1 layer, 4-bit, LoRA, new-rows embeddings, on 8-token
+# blocks, one block per process and step: most steps leave experts without a routed token, and many batches hold
+# no new id (test_tiny_batches_leave_experts_unrouted shows it), so parameters without a gradient are the rule.
+# 5 dev blocks over 2 processes: the ranks' shares of the dev set differ (3 and 2 forward passes).
+
+ENGINES = ["ddp", "deepspeed-zero2", "deepspeed-zero3"]
+# The 2-process runs must match one process with grad_accum 2: each step sees the same blocks, the gradients
+# are averaged alike, and every engine gives a parameter without a gradient a zero one (AdamW steps it alike).
+# Only the order of float32 sums differs (all-reduce vs. local accumulation, ~6e-8 relative per rounding);
+# measured gaps are <= 2e-7 relative. REL is 10x that. It still catches a semantic difference: before AdamW
+# stepped unused parameters alike in 1 and 2 processes, the gap was 1e-5 after 4 steps.
+REL = 2e-6
+
+
+@pytest.fixture(scope="module")
+def moe_ws(tmp_path_factory):
+    from continual.testing import make_blocks, make_tiny_base, make_tokenizer
+
+    root = tmp_path_factory.mktemp("moe_ws")
+    make_tokenizer(root / "tok", n_added=64)
+    make_tiny_base(root / "base", root / "tok", old_vocab_size=32000, experts=8, layers=1)
+    make_blocks(root / "data", root / "tok", block_len=8, n_train=64, n_dev=5)
+    return {"tok": root / "tok", "base": root / "base", "data": root / "data"}
+
+
+def _moe_cfg(ws, out, **kw) -> TrainConfig:
+    from continual.testing import tiny_train_config
+
+    base = dict(embeddings="new-rows", micro_batch_size=1, max_steps=4, save_every=2, eval_every=2,
+                lora_dropout=0.0, max_grad_norm=0.5, quant_storage="bfloat16", keep_checkpoints=3)
+    base.update(kw)
+    return tiny_train_config(ws, out, **base)
+
+
+def _write_toml(cfg: TrainConfig, path) -> Path:
+    import tomli_w
+
+    path.write_text(tomli_w.dumps({k: v for k, v in cfg.__dict__.items() if v is not None}))
+    return path
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Run by each process instead of `-m workflows.cli` for the killed run: the process dies hard (os._exit, no
+# cleanup, like a kill) when it is about to start micro-batch DIE_AT, i.e. after the step-2 checkpoint.
+_DIES = """import os, sys
+from continual import data as D
+real = D.micro_batches
+def dies(*a, **kw):
+    for k, item in enumerate(real(*a, **kw)):
+        if k == int(os.environ["DIE_AT"]):
+            os._exit(17)
+        yield item
+D.micro_batches = dies
+from workflows.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _launch(engine: str, toml: Path, processes: int = 2, script: Path | None = None, env: dict | None = None):
+    import os
+    import subprocess
+    import sys
+
+    cmd = launcher.accelerate_command(engine, toml, nodes=1, gpus_per_node=processes)
+    cmd[0] = str(Path(sys.executable).parent / "accelerate")
+    at = cmd.index("-m")
+    cmd[at:at + 2] = [str(script)] if script else cmd[at:at + 2]
+    cmd[at:at] = ["--main_process_port", str(_free_port())]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1],
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def _curve(out):
+    from continual.metrics import read_metrics
+
+    return [{k: r[k] for k in ("step", "tokens", "lr", "loss", "aux_loss", "dev_loss", "dev_bpb")}
+            for r in read_metrics(out)]
+
+
+def _adapter(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(out) / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def one_process(moe_ws, tmp_path_factory):
+    """The reference: one process, grad_accum 2 (the same 2 blocks per step as 2 processes x 1)."""
+    from continual.train import train
+
+    return train(_moe_cfg(moe_ws, tmp_path_factory.mktemp("ref") / "one", grad_accum=2))
+
+
+def test_tiny_batches_leave_experts_unrouted(moe_ws):
+    """The premise of the run tests: their first steps' batches leave experts unrouted, some hold no new id."""
+    from continual import data as D
+    from continual import model as M
+
+    model = M.load_base_4bit(moe_ws["base"], torch.float32)
+    ds = D.load_split(moe_ws["data"], "train")
+    batches = D.micro_batches(len(ds), 1, 0, 0, 0, 1)
+    unrouted = no_new = 0
+    for _ in range(8):  # the blocks of steps 1-4 on both ranks
+        _, idx = next(batches)
+        ids = torch.tensor(ds[[int(i) for i in idx]]["input_ids"])
+        logits = model(input_ids=ids, output_router_logits=True).router_logits[0]
+        unrouted += len(set(logits.topk(2, dim=-1).indices.flatten().tolist())) < 8
+        no_new += bool((ids < 32000).all())
+    assert unrouted >= 4 and no_new >= 1, (unrouted, no_new)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ENGINES)
+def test_two_processes_match_one_and_resume_after_a_kill(engine, moe_ws, one_process, tmp_path):
+    import json
+
+    # 1. uninterrupted 2-process run: same curve and dev bits per byte as one process with grad_accum 2
+    whole = _moe_cfg(moe_ws, tmp_path / "whole")
+    res = _launch(engine, _write_toml(whole, tmp_path / "whole.toml"))
+    assert res.returncode == 0, res.stderr[-4000:]
+    a, b = _curve(one_process), _curve(whole.out)
+    assert [r["step"] for r in b] == [0, 1, 2, 3, 4] and [r["tokens"] for r in a] == [r["tokens"] for r in b]
+    for ra, rb in zip(a, b):
+        for k in ("lr", "loss", "aux_loss", "dev_loss", "dev_bpb"):
+            assert (ra[k] is None and rb[k] is None) or rb[k] == pytest.approx(ra[k], rel=REL), (k, ra, rb)
+    manifest = json.loads((Path(whole.out) / "manifest.json").read_text())
+    assert manifest["counts"]["processes"] == 2 and manifest["counts"]["dev_blocks"] == 5
+    ck = Path(whole.out) / "checkpoints" / "step-000002"
+    state = json.loads((ck / "state.json").read_text())
+    assert (state["engine"], state["processes"], state["sharded"]) == (engine, 2, engine != "ddp")
+    wa, wb = _adapter(one_process), _adapter(whole.out)
+    assert wa.keys() == wb.keys()
+    # every tensor, experts that some steps left unrouted included, within 1e-3 of its norm (measured <= 5e-5)
+    assert all(float((wa[k] - wb[k]).norm()) <= 1e-3 * float(wa[k].norm()) for k in wa)
+
+    # 2. killed during step 4 (after the step-2 checkpoint), resumed under the same engine: ends equal
+    killed = _moe_cfg(moe_ws, tmp_path / "killed")
+    toml = _write_toml(killed, tmp_path / "killed.toml")
+    script = tmp_path / "dies.py"
+    script.write_text(_DIES)
+    res = _launch(engine, toml, script=script, env={"DIE_AT": "3"})
+    assert res.returncode != 0 and not (Path(killed.out) / "manifest.json").exists()
+    assert [p.name for p in (Path(killed.out) / "checkpoints").iterdir() if p.name.startswith("step-")] == \
+        ["step-000002"]
+    res = _launch(engine, toml)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "resuming from" in res.stdout
+    assert _curve(killed.out)[-3:] == _curve(whole.out)[-3:]  # steps 3, 4 and the final eval, bit for bit
+    wk = _adapter(killed.out)
+    assert all(torch.equal(wk[k], wb[k]) for k in wb)
+    if engine != "ddp":
+        # 3. a sharded checkpoint needs the processes that wrote it: refused before the model loads
+        (Path(killed.out) / "manifest.json").unlink()
+        res = _launch(engine, toml, processes=1)
+        assert res.returncode != 0 and "Loading checkpoint shards" not in res.stderr
+        assert ("state.json: this sharded (DeepSpeed/FSDP) checkpoint was written by 2 processes, this run has 1"
+                in res.stderr and "Fix: resume with 2 processes" in res.stderr), res.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_fsdp_on_cpu_is_refused_before_the_model_loads(moe_ws, tmp_path):
+    """accelerate 1.15 turns FSDP on only for GPU-type devices; on CPU it would silently run DDP instead."""
+    res = _launch("fsdp", _write_toml(_moe_cfg(moe_ws, tmp_path / "o"), tmp_path / "t.toml"))
+    assert res.returncode != 0
+    assert "the launch config asks for FSDP, but this machine has no GPU" in res.stderr
+    assert "Loading checkpoint shards" not in res.stderr and not (tmp_path / "o").exists()
