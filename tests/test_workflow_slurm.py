@@ -306,6 +306,16 @@ def test_failed_task_shows_with_its_log_and_rerun_resubmits_only_it_and_dependen
     assert rows["last"]["state"] == "cancelled" and "DependencyNeverSatisfied" in rows["last"]["why"]
     text = graft(a, "status", "wf.toml").stdout
     assert f"log: {log}" in text and "failed" in text and "cancelled" in text
+    # Once Slurm has forgotten the jobs (no accounting storage, past MinJobAge), their markers tell.
+    state_file = a / "runs/t/.graft-state.json"
+    saved = state_file.read_text()
+    forgotten = json.loads(saved)
+    for j in forgotten["stages"]["items"]["jobs"]:
+        j["id"] = str(10**7 + int(j["id"]))  # ids this cluster never gave out
+    state_file.write_text(json.dumps(forgotten))
+    row = status(a)["items"]
+    assert row["state"] == "failed" and "RuntimeError: simulated node fault in shard 1" in row["why"]
+    state_file.write_text(saved)
 
     out = graft(a, "run", "wf.toml", "--executor", "slurm").stdout
     second = state_records(a)

@@ -35,7 +35,7 @@ failure resubmits only what is not complete; jobs still pending or running are n
 STATUS_HELP = """\
 Show each stage of a workflow: its state (done, stale, pending, running, failed, cancelled,
 timeout), why, its Slurm job ids, its output folder, how long it took and its key figures, and the
-log of a failed Slurm job. Stages submitted with --executor slurm are looked up in Slurm (scontrol,
+log of a failed Slurm job. Stages submitted with --executor slurm are looked up in Slurm (squeue,
 and sacct where accounting exists). Runs nothing.
 """
 

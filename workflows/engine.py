@@ -214,7 +214,7 @@ def plan(wf: Workflow, state: State, trusted: set[str] = frozenset()) -> list[St
     """Every stage's state as of now, without running anything.
 
     `trusted` stages (those before --from) count as done for their readers: their existing
-    output is what the later stages use. Stages submitted to Slurm are looked up there (scontrol,
+    output is what the later stages use. Stages submitted to Slurm are looked up there (squeue,
     sacct) and in their jobs' completion markers.
     """
     from workflows import slurm_exec

@@ -5,7 +5,7 @@ Why plain `sbatch` rather than submitit (as datatrove's executor does): a stage 
 `--dependency=afterok` before their upstream has run, and `graft status` must work from any later
 process, on clusters with or without accounting. submitit pickles one Python callable per job, and
 reads job state through `sacct`, which reports nothing where accounting storage is off (as on the
-one-node test cluster). So this module calls sbatch/scontrol/sacct/scancel itself; each stage job
+one-node test cluster). So this module calls sbatch/squeue/sacct/scancel itself; each stage job
 runs `graft run-stage`, which writes per-task completion markers (datatrove style).
 
 The `[slurm]` table of a workflow:
@@ -26,8 +26,6 @@ The `[slurm]` table of a workflow:
 """
 from __future__ import annotations
 
-import dataclasses
-import os
 import re
 import shlex
 import shutil
@@ -252,55 +250,27 @@ def scancel(job_ids: list[str]) -> None:
         subprocess.run([_tool("scancel"), *job_ids], capture_output=True, text=True, check=False)
 
 
-def _expand_tasks(spec: str) -> list[int]:
-    """'0-2,5' or '1,3' or '0-9%2' -> task indices."""
-    out: list[int] = []
-    for part in spec.split("%")[0].split(","):
-        if "-" in part:
-            lo, hi = part.split("-", 1)
-            out.extend(range(int(lo), int(hi) + 1))
-        elif part.strip().isdigit():
-            out.append(int(part))
-    return out
-
-
 def query(job_ids: list[str]) -> dict[str, JobInfo]:
-    """State of each job and array task ('12', '12_3') known to Slurm: scontrol (live and recently
-    finished jobs), then sacct where accounting storage exists. Unknown jobs are left out."""
-    wanted = set(job_ids)
+    """State of each job and array task ('12', '12_3') Slurm still knows: `squeue -t all` (pending,
+    running and recently finished jobs, array tasks one per line), then `sacct` for older ones where
+    accounting storage exists. Jobs Slurm has forgotten are left out (their markers tell)."""
+    wanted = sorted(set(job_ids))
     found: dict[str, JobInfo] = {}
-    if not wanted or shutil.which("scontrol") is None:
+    if not wanted or shutil.which("squeue") is None:
         return found
-    proc = subprocess.run(["scontrol", "-o", "show", "job"], capture_output=True, text=True)
+    proc = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-j", ",".join(wanted), "-o", "%i|%T|%r"],
+                          capture_output=True, text=True)
     for line in proc.stdout.splitlines():
-        kv = dict(m.groups() for m in re.finditer(r"(\w+)=(\S*)", line))
-        array_id, task = kv.get("ArrayJobId"), kv.get("ArrayTaskId")
-        base = array_id or kv.get("JobId", "")
-        if base not in wanted:
-            continue
-        word = kv.get("JobState", "UNKNOWN")
-        state = _STATE_WORDS.get(word, "failed")
-        reason = kv.get("Reason", "")
-        keys = [f"{base}_{t}" for t in _expand_tasks(task)] if array_id and task else [base]
-        for key in keys:
-            found[key] = JobInfo(key, state, word, "" if reason in ("None", "(null)") else reason)
-    missing = wanted - {k.split("_")[0] for k in found}
+        job, word, reason = (line.split("|") + ["", ""])[:3]
+        found[job] = JobInfo(job, _STATE_WORDS.get(word, "failed"), word, "" if reason == "None" else reason)
+    missing = set(wanted) - {k.split("_")[0] for k in found}
     if missing and shutil.which("sacct"):
-        proc = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(sorted(missing))],
+        proc = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State,Reason", "-j", ",".join(sorted(missing))],
                               capture_output=True, text=True)
         if proc.returncode == 0 and "disabled" not in proc.stdout + proc.stderr:
             for line in proc.stdout.splitlines():
-                job, _, word = line.partition("|")
-                word = word.split()[0] if word else "UNKNOWN"
-                found.setdefault(job, JobInfo(job, _STATE_WORDS.get(word, "failed"), word))
+                job, word, reason = (line.split("|") + ["", ""])[:3]
+                word = word.split()[0] if word else "UNKNOWN"  # "CANCELLED by 0"
+                found.setdefault(job, JobInfo(job, _STATE_WORDS.get(word, "failed"), word,
+                                              "" if reason == "None" else reason))
     return found
-
-
-def environment_note() -> str:
-    """Where the Slurm commands come from, for messages."""
-    return f"SLURM_CONF={os.environ['SLURM_CONF']}" if "SLURM_CONF" in os.environ else "the default slurm.conf"
-
-
-def resources_table(wf: Any) -> list[dict[str, Any]]:
-    """Every stage's resolved resources (for `graft run --executor slurm --dry-run`)."""
-    return [{"stage": s.name, **dataclasses.asdict(stage_resources(s, wf.slurm))} for s in wf.stages]
