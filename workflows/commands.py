@@ -149,6 +149,14 @@ def register(groups: Groups) -> None:
                    help="with --executor slurm: write nothing, submit nothing, print the sbatch commands")
     p.set_defaults(_run=_run)
 
+    s = top.add_parser("status", help="show each stage's state, duration and key figures",
+                       description=STATUS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("workflow", metavar="WORKFLOW.toml", nargs="?", default="demo",
+                   help="workflow file, or a bundled name: demo (the default), chinese-mixtral")
+    s.add_argument("--runs", metavar="DIR", help="as for graft run")
+    s.add_argument("--json", action="store_true", help="print the rows as JSON")
+    s.set_defaults(_run=_status)
+
     c = top.add_parser("cancel", help="cancel the workflow's own pending and running Slurm jobs",
                        description=CANCEL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("workflow", metavar="WORKFLOW.toml", help="workflow file, or a bundled name")
@@ -169,11 +177,3 @@ def register(groups: Groups) -> None:
     j.add_argument("--write-config", action="store_true", help="train: write the resolved train config TOML")
     j.add_argument("--record", action="store_true", help="train: record the finished output in its manifest")
     j.set_defaults(_run=_run_stage)
-
-    s = top.add_parser("status", help="show each stage's state, duration and key figures",
-                       description=STATUS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("workflow", metavar="WORKFLOW.toml", nargs="?", default="demo",
-                   help="workflow file, or a bundled name: demo (the default), chinese-mixtral")
-    s.add_argument("--runs", metavar="DIR", help="as for graft run")
-    s.add_argument("--json", action="store_true", help="print the rows as JSON")
-    s.set_defaults(_run=_status)
