@@ -204,6 +204,11 @@ def test_resume_refuses_other_settings_and_corrupt_checkpoints(ws, tmp_path, mon
     # resuming with settings that change the curve is refused rather than silently mixing runs
     with pytest.raises(GraftError, match=r"other settings \(learning_rate differ\)"):
         train(tiny_train_config(ws, tmp_path / "o", save_every=2, eval_every=0, learning_rate=1e-3))
+    # a longer or shorter run would rebuild the cosine schedule with another length: the LR would jump
+    with pytest.raises(GraftError, match=r"o/train_config\.json: the run was started with max_steps = 8, which fixes "
+                                         r"the length of its cosine learning-rate schedule; resuming with max_steps = "
+                                         r"12 would make the learning rate jump\. Fix: resume with max_steps = 8"):
+        train(tiny_train_config(ws, tmp_path / "o", save_every=2, eval_every=0, max_steps=12))
     with pytest.raises(GraftError, match=r"checkpoints of a run.*resume = true"):
         train(tiny_train_config(ws, tmp_path / "o", save_every=2, eval_every=0, resume=False))
     opt = tmp_path / "o" / "checkpoints" / "step-000002" / "optimizer.pt"
