@@ -54,8 +54,8 @@ ENV_WHERE = "the launch config (as `accelerate launch` passed it in ACCELERATE_*
 
 
 def launch_from_env(env=None) -> dict | None:
-    """The settings `accelerate launch` handed this process, in the layout of a launch YAML; None when the
-    process was not started with a DeepSpeed or FSDP config (plain DDP needs no settings)."""
+    """The settings `accelerate launch` handed this process, in the layout of a launch YAML; None when it was not
+    started by `accelerate launch` (one process, or torchrun)."""
     import os
 
     env = os.environ if env is None else env
@@ -65,6 +65,8 @@ def launch_from_env(env=None) -> dict | None:
                 "deepspeed_config": ds}
     if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         return {"distributed_type": "FSDP", "mixed_precision": env.get("ACCELERATE_MIXED_PRECISION", "no")}
+    if "ACCELERATE_MIXED_PRECISION" in env:  # DDP (or one process) under accelerate launch
+        return {"distributed_type": "MULTI_GPU", "mixed_precision": env["ACCELERATE_MIXED_PRECISION"]}
     return None
 
 
