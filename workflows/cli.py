@@ -14,7 +14,7 @@ from common.errors import GraftError
 
 # Order sets the order in `graft --help`.
 _COMMAND_MODULES = ("vocab.cli", "analysis.cli", "embed_init.cli", "corpus.cli", "continual.cli",
-                    "workflows.commands")
+                    "export.cli", "workflows.commands")
 
 
 def build_parser() -> argparse.ArgumentParser:
