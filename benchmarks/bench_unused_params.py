@@ -58,7 +58,8 @@ def worker(work: Path, mode: str, steps: int, result: Path) -> None:
     cfg = TrainConfig(model=str(work / "base"), train_data="x", out="x", lora_r=8, lora_alpha=16, lora_dropout=0.0,
                       embeddings="new-rows")
     vocab = int(M.read_model_config(work / "base")["vocab_size"])
-    model = M.add_adapters(M.load_base_4bit(work / "base", torch.float32), cfg, vocab, 32000)
+    model = M.load_base_4bit(work / "base", torch.float32)
+    model = M.add_adapters(model, cfg, vocab, 32000)
     model.config.output_router_logits = True
     params = [p for p in model.parameters() if p.requires_grad]
     ddp = DDP(model, find_unused_parameters=mode == "find-unused", static_graph=mode == "static-graph")

@@ -48,10 +48,11 @@ def _check_resume_config(out: Path, cfg: TrainConfig) -> None:
     schedule = [k for k in diff if k in _SCHEDULE]
     if schedule:
         was = ", ".join(f"{k} = {saved.get(k)!r}" for k in schedule)
+        now_s = ", ".join(f"{k} = {now.get(k)!r}" for k in schedule)
         raise input_error(out / RUN_CONFIG, f"the run was started with {was}, which fixes the length of its cosine "
-                                            f"learning-rate schedule; resuming with {', '.join(f'{k} = {now.get(k)!r}' for k in schedule)} "
-                                            "would make the learning rate jump",
-                          f"resume with {was}, or train longer as a new run (a new `out`) from this run's adapter")
+                                            f"learning-rate schedule; resuming with {now_s} would make the "
+                                            "learning rate jump",
+                          f"resume with {was} in the train config, or start a new run in another `out`")
     if diff:
         raise input_error(out, f"holds a run started with other settings ({', '.join(diff)} differ)",
                           "resume with the same settings, or choose a new `out`")
