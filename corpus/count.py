@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from common.errors import GraftError
 from corpus.blocks import SPLITS
 from corpus.mix import format_table
-from corpus.readers import DEFAULT_MAX_DOC_BYTES
+from corpus.readers import DEFAULT_MAX_DOC_BYTES, ON_CORRUPT_HELP, check_on_corrupt
 from corpus.registry import DEFAULT_REGISTRY, get_dataset, load_registry, parse_split
 from corpus.shard import ShardJob, process_shard, remember_tokenizer, sum_counts
 
@@ -37,6 +37,7 @@ class CountConfig:
     workers: int = field(default=1, metadata={"help": "worker processes (one file at a time each)"})
     threads: int = field(default=0, metadata={"help": "tokenizer threads per worker (0: cores // workers)"})
     max_doc_bytes: int = field(default=DEFAULT_MAX_DOC_BYTES, metadata={"help": "longer documents are rejected"})
+    on_corrupt: str = field(default="stop", metadata={"help": ON_CORRUPT_HELP})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
 
@@ -46,6 +47,7 @@ def count(cfg: CountConfig) -> dict[str, dict]:
 
     if cfg.block_size < 1:
         raise GraftError(f"--block-size {cfg.block_size} must be >= 1")
+    check_on_corrupt(cfg.on_corrupt)
     if cfg.name is None:
         entries = load_registry(cfg.registry)
     else:
@@ -60,7 +62,8 @@ def count(cfg: CountConfig) -> dict[str, dict]:
         files = entry.paths()
         jobs = [ShardJob(index=i, shard_id=f"{i:05d}", path=str(p), fmt=entry.format, text_field=entry.text_field,
                          split=parse_split(entry.split), split_seed=cfg.split_seed, tokenizer=cfg.tokenizer,
-                         add_bos=cfg.bos, block_size=cfg.block_size, max_doc_bytes=cfg.max_doc_bytes)
+                         add_bos=cfg.bos, block_size=cfg.block_size, max_doc_bytes=cfg.max_doc_bytes,
+                         on_corrupt=cfg.on_corrupt)
                 for i, p in enumerate(files)]
         progress = Progress(f"count {name}", len(jobs), enabled=cfg.progress, unit="tok" if cfg.tokenizer else "doc")
         try:
@@ -72,7 +75,8 @@ def count(cfg: CountConfig) -> dict[str, dict]:
         counts, rejects = sum_counts(done.values())
         for s in SPLITS:  # what prepare writes with --last-block drop (count jobs pack nothing)
             counts[s]["blocks"] = counts[s]["tokens"] // cfg.block_size
-        results[name] = {"counts": counts, "rejects": rejects, "files": len(files)}
+        results[name] = {"counts": counts, "rejects": rejects, "files": len(files),
+                         "corrupt_files": [c for st in done.values() for c in st.get("corrupt", [])]}
     print(count_table(results, with_tokens=bool(cfg.tokenizer)))
     return results
 
@@ -89,4 +93,7 @@ def count_table(results: dict, with_tokens: bool) -> str:
         if r["rejects"]:
             parts = ", ".join(f"{k}: {v}" for k, v in sorted(r["rejects"].items()))
             notes.append(f"{name}: rejected {sum(r['rejects'].values()):,} records ({parts})")
+        for c in r.get("corrupt_files", []):
+            notes.append(f"{name}: corrupt file skipped: {c['file']}: {c['problem']} at byte {c['byte_offset']:,}; "
+                         f"counted the {c['records_read']:,} records read before it")
     return "\n".join([format_table(rows)] + notes)

@@ -19,7 +19,8 @@ import numpy as np
 from common.errors import GraftError
 from common.io import atomic_path, atomic_write_json, is_complete, read_json, read_manifest, write_manifest
 from corpus.blocks import COMPLETIONS_DIR, PREPARE_STAGE, SHARDS_DIR, SPLITS, TAIL_DIR
-from corpus.readers import DEFAULT_MAX_DOC_BYTES, FORMATS, expand_inputs
+from common.rerun import check_rerun, file_fingerprint
+from corpus.readers import DEFAULT_MAX_DOC_BYTES, FORMATS, ON_CORRUPT_HELP, check_on_corrupt, expand_inputs
 from corpus.registry import DEFAULT_REGISTRY, DEFAULT_SPLIT, get_dataset, parse_split, set_encoded
 from corpus.shard import REJECTS_FILE, STATS_FILE, ShardJob, process_shard, remember_tokenizer, sum_counts
 
@@ -65,6 +66,9 @@ class PrepareConfig:
     num_shards: int = field(default=1, metadata={"help": "number of tasks splitting the files (n)"})
     batch_chars: int = field(default=1_000_000, metadata={"help": "characters per tokenizer batch (memory vs. speed; output is the same)"})
     max_doc_bytes: int = field(default=DEFAULT_MAX_DOC_BYTES, metadata={"help": "longer documents are rejected as too_long"})
+    on_corrupt: str = field(default="stop", metadata={"help": ON_CORRUPT_HELP})
+    overwrite: bool = field(default=False, metadata={"help": "start --out over when it was prepared with other "
+                                                             "settings or inputs (the same ones: resumed or skipped)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
 
@@ -92,6 +96,7 @@ def _resolve(cfg: PrepareConfig) -> _Resolved:
         raise GraftError(f"--shard-index {cfg.shard_index} must be in [0, --num-shards {cfg.num_shards})")
     if cfg.workers < 1:
         raise GraftError("--workers must be >= 1")
+    check_on_corrupt(cfg.on_corrupt)
     if cfg.files:
         files, fmt, field_name, split, out = expand_inputs(cfg.files), cfg.format, cfg.text_field, cfg.split, cfg.out
         from_registry = False
@@ -117,7 +122,10 @@ def shard_ids(files: list[Path]) -> list[str]:
 def _plan(cfg: PrepareConfig, r: _Resolved, tok) -> dict:
     """Everything that decides the output; a re-run into the same folder must match it."""
     return {
-        "files": [{"path": str(p.resolve()), "bytes": p.stat().st_size} for p in r.files],
+        # contents: sha256 up to 64 MiB, size + mtime above (common/rerun.py)
+        "files": [{"path": str(p.resolve()), "bytes": p.stat().st_size, "fingerprint": file_fingerprint(p)}
+                  for p in r.files],
+        "on_corrupt": cfg.on_corrupt,
         "format": r.fmt, "text_field": r.text_field, "split": list(r.split), "split_seed": cfg.split_seed,
         "tokenizer_sha256": tok.sha256, "eos_id": tok.eos_id, "bos_id": tok.bos_id if cfg.bos else None,
         "block_size": cfg.block_size, "last_block": cfg.last_block, "pad_id": _pad_id(cfg, tok),
@@ -129,15 +137,32 @@ def _pad_id(cfg: PrepareConfig, tok) -> int:
     return tok.eos_id if cfg.pad_id is None else cfg.pad_id
 
 
-def _check_plan(out: Path, plan: dict) -> None:
+def _legacy(old: dict, plan: dict) -> dict:
+    """A plan written before inputs were fingerprinted by content and before --on-corrupt: compare it
+    as it was (size only, stop), so an existing prepared folder is not refused after an upgrade."""
+    if old.get("files") and "fingerprint" not in old["files"][0]:
+        plan = {**plan, "files": [{k: v for k, v in f.items() if k != "fingerprint"} for f in plan["files"]]}
+    if "on_corrupt" not in old and plan.get("on_corrupt") == "stop":
+        plan = {k: v for k, v in plan.items() if k != "on_corrupt"}
+    return plan
+
+
+def _check_plan(out: Path, plan: dict, overwrite: bool) -> None:
+    """The re-run rule (common/rerun.py) for a folder that resumes: the same plan resumes or skips; another
+    one is refused, or started over with --overwrite."""
     path = out / PLAN_FILE
     if path.is_file():
         old = read_json(path)
-        if old != plan:
-            diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
-            raise GraftError(f"{out} was prepared with different settings or inputs ({', '.join(diff)} changed). "
-                             "Fix: use a new --out folder, or delete this one to start over")
-    else:
+        if old != _legacy(old, plan):
+            if overwrite:
+                check_rerun(out, {}, stage=PREPARE_STAGE, overwrite=True, in_place=True)
+            else:
+                diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+                raise GraftError(f"{out} was prepared with different settings or inputs ({', '.join(diff)} changed). "
+                                 "Fix: use a new --out folder, or pass --overwrite to start this one over")
+    elif out.exists() and any(out.iterdir()):
+        check_rerun(out, {}, stage=PREPARE_STAGE, overwrite=overwrite, in_place=True)
+    if not path.is_file():
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, plan)
 
@@ -161,6 +186,7 @@ def _finalize(cfg: PrepareConfig, r: _Resolved, tok, ids: list[str], started: fl
     out = r.out
     stats = [read_json(out / SHARDS_DIR / sid / STATS_FILE) for sid in ids]
     counts, rejects = sum_counts(stats)
+    corrupt = [c for st in stats for c in st.get("corrupt", [])]
     from corpus.pack import finish_blocks, write_blocks
 
     with atomic_path(out / TAIL_DIR) as tmp:
@@ -186,11 +212,13 @@ def _finalize(cfg: PrepareConfig, r: _Resolved, tok, ids: list[str], started: fl
                    splits=list(SPLITS), split=list(r.split), rejects=rejects, bos=cfg.bos,
                    tokenizer={"sha256": tok.sha256, "eos_id": tok.eos_id, "bos_id": tok.bos_id,
                               "eos_token": tok.eos_token, "bos_token": tok.bos_token, "vocab_size": tok.vocab_size},
-                   shard_counts={st["shard_id"]: st["counts"] for st in stats})
-    return {"counts": counts, "rejects": rejects}
+                   shard_counts={st["shard_id"]: st["counts"] for st in stats},
+                   corrupt_files=corrupt)
+    return {"counts": counts, "rejects": rejects, "corrupt_files": corrupt}
 
 
-def summary_lines(name: str, counts: dict, rejects: dict, out: Path | None = None) -> list[str]:
+def summary_lines(name: str, counts: dict, rejects: dict, out: Path | None = None,
+                  corrupt: list | None = None) -> list[str]:
     lines = []
     for s in SPLITS:
         c = counts[s]
@@ -203,6 +231,9 @@ def summary_lines(name: str, counts: dict, rejects: dict, out: Path | None = Non
         lines.append(f"  rejected {total:,} records ({parts}){where}")
     else:
         lines.append("  no records rejected")
+    for c in corrupt or []:
+        lines.append(f"  corrupt file skipped (--on-corrupt skip): {c['file']}: {c['problem']} at byte "
+                     f"{c['byte_offset']:,} of {c['file_bytes']:,}; kept the {c['records_read']:,} records read before it")
     return [f"{name}:"] + lines
 
 
@@ -216,7 +247,7 @@ def prepare(cfg: PrepareConfig) -> Path:
     tok = load_pack_tokenizer(cfg.tokenizer, cfg.eos_token, cfg.bos_token)
     remember_tokenizer(cfg.tokenizer, cfg.eos_token, cfg.bos_token, tok)
     plan = _plan(cfg, r, tok)
-    _check_plan(r.out, plan)
+    _check_plan(r.out, plan, cfg.overwrite)
     if r.from_registry:
         note = set_encoded(cfg.registry, cfg.name, r.out)
         if note:
@@ -225,7 +256,7 @@ def prepare(cfg: PrepareConfig) -> Path:
     if is_complete(r.out):
         m = read_manifest(r.out)
         print(f"{r.out} is already complete ({len(ids)} files); nothing to do.")
-        print("\n".join(summary_lines(r.name, m["counts"], m.get("rejects", {}), r.out)))
+        print("\n".join(summary_lines(r.name, m["counts"], m.get("rejects", {}), r.out, m.get("corrupt_files"))))
         return r.out
     from corpus.pack import block_meta
 
@@ -234,7 +265,7 @@ def prepare(cfg: PrepareConfig) -> Path:
                      split_seed=cfg.split_seed, tokenizer=str(cfg.tokenizer), eos_token=cfg.eos_token,
                      bos_token=cfg.bos_token, add_bos=cfg.bos, block_size=cfg.block_size,
                      batch_chars=cfg.batch_chars, max_doc_bytes=cfg.max_doc_bytes,
-                     out=str(r.out / SHARDS_DIR / sid), meta=meta)
+                     out=str(r.out / SHARDS_DIR / sid), meta=meta, on_corrupt=cfg.on_corrupt)
             for i, (sid, p) in enumerate(zip(ids, r.files)) if i % cfg.num_shards == cfg.shard_index]
     done_marker = lambda sid: (r.out / COMPLETIONS_DIR / sid).is_file()  # noqa: E731
     todo = [j for j in jobs if not done_marker(j.shard_id)]
@@ -254,8 +285,10 @@ def prepare(cfg: PrepareConfig) -> Path:
             if not is_complete(r.out):
                 raise
             result = read_manifest(r.out)
+            result.setdefault("corrupt_files", [])
             print("another task finalized the output at the same time")
-        print("\n".join(summary_lines(r.name, result["counts"], result["rejects"], r.out)))
+        print("\n".join(summary_lines(r.name, result["counts"], result["rejects"], r.out,
+                                     result.get("corrupt_files"))))
         print(f"wrote {r.out} (load with corpus.blocks.load_blocks)")
     elif not failures:
         print(f"{len(missing)} of {len(ids)} files are not done yet (other --shard-index tasks?); the manifest "

@@ -57,6 +57,7 @@ class ShardJob:
     max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES
     out: str | None = None  # folder to write train/, dev/, leftovers, stats; None: count only
     meta: dict | None = None  # corpus.pack.block_meta(block_size), computed once by the parent
+    on_corrupt: str = "stop"  # a truncated/corrupt file: stop (GraftError) | skip (keep what was read, log it)
 
 
 def empty_counts() -> dict[str, dict[str, int]]:
@@ -98,7 +99,7 @@ def _read_batches(job: ShardJob, rejects: RejectLog) -> Iterator[dict[str, list[
     pending: dict[str, list[str]] = {s: [] for s in SPLITS}
     chars = 0
     for rec in iter_file(job.path, fmt=job.fmt, field_name=job.text_field, rejects=rejects,
-                         max_doc_bytes=job.max_doc_bytes):
+                         max_doc_bytes=job.max_doc_bytes, on_corrupt=job.on_corrupt):
         pending[split_of(rec.text, train_parts, dev_parts, key)].append(rec.text)
         chars += len(rec.text)
         if chars >= job.batch_chars:
@@ -150,7 +151,8 @@ def process_shard(job: ShardJob, progress: Callable[[int, int], None] | None = N
                 progress(docs, tokens)
     finally:
         rejects.close()
-    stats = {"shard_id": job.shard_id, "path": job.path, "counts": counts, "rejects": dict(rejects.counts)}
+    stats = {"shard_id": job.shard_id, "path": job.path, "counts": counts, "rejects": dict(rejects.counts),
+             "corrupt": rejects.corrupt}
     if write:
         for s in SPLITS:
             writers[s].close()

@@ -1,0 +1,108 @@
+"""One re-run rule for every stage, and the input fingerprints it compares.
+
+A stage that finds its output folder already there calls `check_rerun` before doing any work:
+
+- the folder holds a finished output (manifest.json, status done) made with the **same settings and
+  inputs**: nothing to do, the stage prints "already complete" and returns it (`check_rerun` -> True);
+- it was made with **different** settings or inputs, or it is a folder that is not a finished output of
+  this stage: the stage refuses, naming what differs and the fix (another --out, or --overwrite);
+- with `--overwrite` the stage runs and replaces the folder; the old one stays whole until the new one
+  is complete (outputs are renamed into place), or, for stages that write in place, it is removed first.
+
+What is compared is recorded in the manifest under `rerun`: the settings (the config without the fields
+that only change how a stage runs, such as `progress`, `workers`, `overwrite`) and one fingerprint per input
+file or folder (`input_fingerprint`): the sha256 of the contents of every file up to 64 MiB, so an edit that
+keeps the size is noticed; larger files (model shards, big corpus files) by size and modification time only,
+so they are not re-read on every run. An edit of a file over 64 MiB that keeps its size and mtime (e.g.
+restored with `touch -r`) is therefore not noticed: use --overwrite after such an edit.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+from typing import Any, Iterable
+
+from common.errors import GraftError
+from common.io import MANIFEST, file_sha256, is_complete, read_json, to_jsonable
+
+CONTENT_HASH_LIMIT = 64 << 20  # bigger files are fingerprinted by size + mtime
+# Fields that change how a stage runs, never what it writes.
+VOLATILE = frozenset({"out", "overwrite", "progress", "workers", "threads", "batch_chars", "shard_index",
+                      "num_shards", "link"})
+
+
+def file_fingerprint(path: Path) -> str:
+    st = path.stat()
+    if st.st_size > CONTENT_HASH_LIMIT:
+        return f"stat:{st.st_size}:{st.st_mtime_ns}"
+    return "sha256:" + file_sha256(path)
+
+
+def input_fingerprint(path: str | Path | None) -> str | None:
+    """sha256 of a file's contents (size+mtime over 64 MiB); for a folder, of its files' names and fingerprints
+    (hidden files and manifest.json's run-specific content included as any other file). None: no such path."""
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_file():
+        return file_fingerprint(p)
+    if not p.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(p.rglob("*")):
+        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts):
+            h.update(f"{f.relative_to(p).as_posix()}\0{file_fingerprint(f)}\n".encode())
+    return "dir:" + h.hexdigest()
+
+
+def settings_of(config: Any, volatile: Iterable[str] = ()) -> dict[str, Any]:
+    """The config as JSON, without the fields that do not change the output."""
+    values = to_jsonable(config)
+    skip = VOLATILE | set(volatile)
+    return {k: v for k, v in values.items() if k not in skip}
+
+
+def rerun_record(config: Any, inputs: dict[str, str | Path | None], volatile: Iterable[str] = ()) -> dict[str, Any]:
+    """What `check_rerun` compares; also written to the manifest as `rerun`."""
+    return {"settings": settings_of(config, volatile),
+            "inputs": {k: input_fingerprint(v) for k, v in sorted(inputs.items())}}
+
+
+def check_rerun(out: str | Path, record: dict[str, Any], *, stage: str, overwrite: bool,
+                in_place: bool = False) -> bool:
+    """Apply the re-run rule (module docstring) to `out`. True: already complete with the same settings and
+    inputs, skip the stage. False: run it (with `overwrite`, an existing folder is replaced; `in_place`
+    stages get it removed here). Raises GraftError when the folder may not be replaced."""
+    out = Path(out)
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return False
+    complete = is_complete(out)
+    old = read_json(out / MANIFEST) if complete else {}
+    same_stage = old.get("stage") == stage
+    old_record = old.get("rerun")
+    if complete and same_stage and old_record == record and not overwrite:
+        print(f"{out}: already complete with the same settings and inputs; nothing to do "
+              "(--overwrite to run it again)")
+        return True
+    if overwrite:
+        if in_place:
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        print(f"{out}: exists; replacing it (--overwrite)")
+        return False
+    if not complete:
+        what = "is a folder that is not a finished output (no finished manifest.json: another program's files, " \
+               "or a run stopped before the end)" if out.is_dir() else "is a file, not an output folder"
+    elif not same_stage:
+        what = f"holds the output of another stage ({old.get('stage')!r}, not {stage!r})"
+    elif old_record is None:
+        what = "holds a finished output written by an earlier version, which did not record its inputs"
+    else:
+        keys = sorted(k for k in set(old_record["settings"]) | set(record["settings"])
+                      if old_record["settings"].get(k) != record["settings"].get(k))
+        inputs = sorted(k for k in set(old_record["inputs"]) | set(record["inputs"])
+                        if old_record["inputs"].get(k) != record["inputs"].get(k))
+        parts = ([f"settings {', '.join(keys)}"] if keys else []) + \
+                ([f"inputs {', '.join(inputs)} (contents)"] if inputs else [])
+        what = f"holds a finished {stage} output made with different {' and '.join(parts) or 'settings'}"
+    raise GraftError(f"{out}: {what}. Fix: choose another --out, or pass --overwrite to replace it")
