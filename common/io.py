@@ -161,3 +161,37 @@ def is_complete(out_dir: str | Path) -> bool:
         return json.loads(p.read_text(encoding="utf-8")).get("status") == "done"
     except (json.JSONDecodeError, OSError):
         return False
+
+
+def output_snapshot(out: str | Path | None) -> dict[str, Any] | None:
+    """What `out` was before a stage ran (for settle_partial_output)."""
+    if out is None:
+        return None
+    p = Path(out)
+    m = p / MANIFEST
+    return {"existed": p.exists(), "manifest": m.stat().st_mtime_ns if is_complete(p) else None}
+
+
+def settle_partial_output(out: str | Path | None, before: dict[str, Any] | None, resumable: bool) -> str:
+    """After a stage failed on an I/O error (e.g. a full disk): make sure nothing half-written looks complete
+    and say what became of the output. A resumable stage keeps its finished parts (a re-run resumes);
+    otherwise a folder the run created is removed, and an earlier finished output is left as it was."""
+    if out is None or before is None:
+        return "Partial files are written under temporary names, which were removed"
+    p = Path(out)
+    if resumable:
+        return (f"The finished parts in {p} are kept and the unfinished one was removed; the same command "
+                "resumes from them")
+    if before["manifest"] is not None and is_complete(p) and (p / MANIFEST).stat().st_mtime_ns == before["manifest"]:
+        return f"The earlier finished output in {p} is unchanged (the new one was written under a temporary name, now removed)"
+    if p.exists() and not is_complete(p):
+        if not before["existed"]:
+            try:
+                _remove(p)
+                return f"The partial output {p} was removed"
+            except OSError:
+                pass
+        return f"{p} is incomplete (no finished manifest.json), so it is never taken as a result"
+    if not p.exists():
+        return f"Nothing was left in {p} (the partial output was written under a temporary name, now removed)"
+    return f"{p} was not changed"

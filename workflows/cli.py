@@ -10,7 +10,8 @@ import importlib
 import sys
 
 from common.cli import Groups
-from common.errors import GraftError
+from common.errors import GraftError, io_failure
+from common.io import output_snapshot, settle_partial_output
 
 # Order sets the order in `graft --help`.
 _COMMAND_MODULES = ("vocab.cli", "analysis.cli", "embed_init.cli", "corpus.cli", "continual.cli",
@@ -31,11 +32,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that resume in place after a failure (their finished parts are kept).
+_RESUMABLE = {"corpus prepare", "train", "vocab train"}
+
+
+def _command_name(ns: argparse.Namespace) -> str:
+    words = [ns.command]
+    while (sub := getattr(ns, "_".join(words) + "_cmd", None)) is not None:
+        words.append(sub)
+    return " ".join(words)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
+    out = getattr(ns, "out", None) if isinstance(getattr(ns, "out", None), str) else None
+    before = output_snapshot(out)
     try:
         ns._run(ns)
+    except OSError as e:  # a full disk, a read-only or failing filesystem: one clear message, no traceback
+        name = _command_name(ns)
+        state = settle_partial_output(out, before, resumable=name in _RESUMABLE)
+        print(f"graft: error: {io_failure(e, out, state, what=f'graft {name}')}", file=sys.stderr)
+        return 2
     except GraftError as e:
         print(f"graft: error: {e}", file=sys.stderr)
         return 2

@@ -485,6 +485,12 @@ def _run_stage(wf: Workflow, stage: Stage, st: StageStatus, state: State, why: s
             echo(f"{tag}: FAILED after {_fmt_s(time.time() - started)}: {err.splitlines()[0] if err else ''}\n"
                  f"  Fix the problem and re-run the same command: finished stages are skipped, this one "
                  f"{'resumes' if stage.kind.resumable else 'restarts'}.")
+        if isinstance(e, OSError):  # full disk, failing filesystem: one clear error naming the output
+            from common.errors import io_failure
+            from common.io import settle_partial_output
+
+            done = settle_partial_output(stage.out, {"existed": False, "manifest": None}, stage.kind.resumable)
+            raise io_failure(e, stage.out, done, what=f"stage {stage.name!r}") from None
         raise
     _finish(wf, stage, st, state, started, echo, tag, cpu_s=_cpu_seconds() - cpu0)
     return True
