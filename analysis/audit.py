@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from common.errors import GraftError, input_error
-from corpus.readers import prefetch
+from corpus.readers import ON_CORRUPT_HELP, prefetch
 
 FORMATS = ("md", "csv", "json")
 COLUMNS = ("corpus", "tokenizer", "vocab_size", "documents", "chars", "bytes", "tokens", "tokens_per_char",
@@ -49,6 +49,7 @@ class AuditConfig:
     workers: int = field(default=1, metadata={"help": "encoding processes (each encodes whole batches)"})
     batch_mb: float = field(default=1.0, metadata={"help": "text per batch, in MB"})
     field_name: str = field(default="text", metadata={"help": "JSON field / parquet column holding the text"})
+    on_corrupt: str = field(default="stop", metadata={"help": ON_CORRUPT_HELP})
     progress: bool = field(default=True, metadata={"help": "show a progress bar with MB/s"})
 
 
@@ -137,7 +138,7 @@ def _batches(pattern: str, cfg: AuditConfig, rejects: Any) -> Iterator[tuple[lis
     limit = max(1, int(cfg.batch_mb * (1 << 20)))
     texts: list[str] = []
     chars = size = 0
-    for rec in iter_texts([pattern], field_name=cfg.field_name, rejects=rejects):
+    for rec in iter_texts([pattern], field_name=cfg.field_name, rejects=rejects, on_corrupt=cfg.on_corrupt):
         t = rec.text
         texts.append(t)
         chars += len(t)
@@ -319,5 +320,5 @@ def audit(cfg: AuditConfig) -> Path | None:
     write_manifest(out, stage="audit", config=cfg, inputs={"tokenizers": [r["path"] for r in rows[:len(cfg.tokenizers)]],
                                                            "corpus": cfg.corpus},
                    counts={"rows": len(rows), "rejected": rejects.total, "rejected_by_reason": dict(rejects.counts)},
-                   started=started, files=["audit.csv", "audit.json", "audit.md", "audit.png"])
+                   corrupt_files=rejects.corrupt, started=started, files=["audit.csv", "audit.json", "audit.md", "audit.png"])
     return out

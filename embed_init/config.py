@@ -37,7 +37,8 @@ class EmbedInitConfig:
         "help": "pad the matrices to a multiple of N rows (e.g. 64 for tensor cores); padding rows are the "
                 "mean of the old rows and config.vocab_size becomes the padded size. 0 = no padding"})
     seed: int = field(default=0, metadata={"help": "random seed (hf-mean and random)"})
-    overwrite: bool = field(default=False, metadata={"help": "replace --out if it exists"})
+    overwrite: bool = field(default=False, metadata={"help": "replace --out when it holds an output made with other "
+                                                             "settings or inputs, or other files (the same ones: skipped)"})
     link: bool = field(default=True, metadata={
         "help": "hard-link unchanged shards instead of copying them (same filesystem only; falls back to copy)"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})

@@ -18,6 +18,7 @@ from typing import Any
 from common.checkpoint import (CONFIG_FILE, Checkpoint, TensorPlan, copy_side_files, open_checkpoint,
                                rewrite_checkpoint, torch_dtype)
 from common.errors import input_error
+from common.rerun import check_rerun, rerun_record
 from common.io import MANIFEST, atomic_path, atomic_write_json, file_sha256, is_complete, read_manifest, write_manifest
 from embed_init.config import EmbedInitConfig
 from embed_init.tokens import SPECIAL, SurfaceEncoder, TokenizerPieces, check_extends, load_pieces
@@ -199,10 +200,10 @@ def grow_embeddings(cfg: EmbedInitConfig) -> Path:
     out, model_dir = Path(cfg.out), Path(cfg.model)
     if out.exists() and model_dir.exists() and out.resolve() == model_dir.resolve():
         raise input_error(out, "--out is the --model folder", "write to a new folder")
-    if out.exists() and not cfg.overwrite:
-        state = "a complete output" if is_complete(out) else "a folder"
-        raise input_error(out, f"output folder already exists ({state})",
-                          "pass --overwrite to replace it, or choose another --out")
+    rerun = rerun_record(cfg, {"model": model_dir, "old_tokenizer": cfg.old_tokenizer,
+                               "new_tokenizer": cfg.new_tokenizer})
+    if check_rerun(out, rerun, stage="embed_init", overwrite=cfg.overwrite):
+        return out
     ckpt = open_checkpoint(model_dir)
     old, new = load_pieces(cfg.old_tokenizer), load_pieces(cfg.new_tokenizer)
     check_extends(old, new)
@@ -268,7 +269,7 @@ def grow_embeddings(cfg: EmbedInitConfig) -> Path:
                     "shards_linked": len(report["linked"]), "shards_copied": len(report["copied"]),
                     "shards_rewritten": len(report["rewritten"]), "shards_new": len(report["new"]),
                     "shards_dropped": len(report["dropped"]), "total_size": report["total_size"]},
-            method=cfg.method, tied=tied, tensors=stats, tokenizer_files=tok_files,
+            method=cfg.method, tied=tied, tensors=stats, tokenizer_files=tok_files, rerun=rerun,
             shards={k: report[k] for k in ("linked", "copied", "rewritten", "new", "dropped")},
             # How many old pieces each new id's surface splits into (the `mean` row averages them);
             # 0 = special token or no usable piece: mean of all old rows.

@@ -348,7 +348,8 @@ def test_error_existing_output_and_overwrite(work, base_model_path, tmp_path, ca
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    with pytest.raises(GraftError, match=r"o: output folder already exists \(a folder\). Fix: pass --overwrite"):
+    with pytest.raises(GraftError, match=r"o: is a folder that is not a finished output .*Fix: choose another "
+                                         r"--out, or pass --overwrite to replace it"):
         _init(work, base_model_path, out)
     argv = ["embed", "init", "--model", str(work["mixtral"]), "--old-tokenizer", str(base_model_path),
             "--new-tokenizer", str(work["new_model"]), "--out", str(out), "--no-progress"]
@@ -356,8 +357,14 @@ def test_error_existing_output_and_overwrite(work, base_model_path, tmp_path, ca
     assert "graft: error:" in capsys.readouterr().err and (out / "keep.txt").exists()
     assert graft_main(argv + ["--overwrite"]) == 0
     assert not (out / "keep.txt").exists() and read_manifest(out)["status"] == "done"
-    with pytest.raises(GraftError, match=r"already exists \(a complete output\)"):
-        _init(work, base_model_path, out)
+    # The re-run rule (common/rerun.py): same settings and inputs skip, others are refused.
+    mtime = (out / "manifest.json").stat().st_mtime_ns
+    _init(work, base_model_path, out)
+    assert "already complete with the same settings and inputs" in capsys.readouterr().out
+    assert (out / "manifest.json").stat().st_mtime_ns == mtime
+    with pytest.raises(GraftError, match=r"o: holds a finished embed_init output made with different settings "
+                                         r"method. Fix: choose another --out, or pass --overwrite"):
+        _init(work, base_model_path, out, method="random")
     with pytest.raises(GraftError, match="--method 'avg' is not one of mean, hf-mean, random"):
         _init(work, base_model_path, tmp_path / "o2", method="avg")
 

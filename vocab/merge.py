@@ -53,6 +53,8 @@ class MergeConfig:
                                                          "(Han, Hangul, Cyrillic, or any)"})
     special: list[str] = field(default_factory=list,
                                metadata={"help": "special tokens to add once each, e.g. '<|im_start|>,<|im_end|>'"})
+    overwrite: bool = field(default=False, metadata={"help": "replace --out when it holds an output made with "
+                                                             "other settings or inputs (the same ones: skipped)"})
 
 
 @dataclass
@@ -225,9 +227,14 @@ def merge_into_base(cfg: MergeConfig) -> Path:
     from common.io import atomic_write_json, file_sha256
     from common.scripts import ScriptFilter
 
+    from common.rerun import check_rerun, rerun_record
+
     started = time.time()
     ScriptFilter(cfg.script)  # validate early
     base_path, add_path = Path(cfg.base), Path(cfg.add)
+    rerun = rerun_record(cfg, {"base": base_path, "add": add_path})
+    if check_rerun(cfg.out, rerun, stage="vocab.merge", overwrite=cfg.overwrite):
+        return Path(cfg.out)
     if (base_path.is_file() and base_path.suffix == ".json") or \
             (base_path.is_dir() and not (base_path / "tokenizer.model").exists()):
         raise input_error(base_path, "is not a SentencePiece tokenizer (no tokenizer.model)",
@@ -274,5 +281,5 @@ def merge_into_base(cfg: MergeConfig) -> Path:
                            base_path / "tokenizer.model" if base_path.is_dir() else base_path)},
                                "add": {"path": str(add_path), "sha256": file_sha256(add_path)}},
                        special_tokens=special, special_skipped_existing=special_skipped,
-                       first_added_id=len(base.pieces))
+                       first_added_id=len(base.pieces), rerun=rerun)
     return out
