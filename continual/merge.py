@@ -24,7 +24,8 @@ from typing import Any
 from common.checkpoint import (CONFIG_FILE, Checkpoint, TensorPlan, copy_side_files, open_checkpoint,
                                read_shard_header, rewrite_checkpoint, safetensors_dtype, torch_dtype)
 from common.errors import GraftError, input_error
-from common.io import atomic_path, atomic_write_json, is_complete, read_json, write_manifest
+from common.io import atomic_path, atomic_write_json, read_json, write_manifest
+from common.rerun import check_rerun, rerun_record
 from continual.config import MergeConfig
 from continual.fingerprint import base_fingerprint
 from continual.model import torch_dtype as dtype_by_name
@@ -217,19 +218,78 @@ def check_adapter_base(base: Checkpoint, info: dict[str, Any] | None, adapter_di
                               "equivalent")
 
 
+def _tokenizer_size(folder: Path) -> tuple[int, Path] | None:
+    """Pieces (with added tokens) of the tokenizer files in `folder`, or None when it has none."""
+    if (folder / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            return Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size(with_added_tokens=True), \
+                folder / "tokenizer.json"
+        except Exception as e:  # the tokenizers library raises its own exception types
+            raise input_error(folder / "tokenizer.json", f"not a readable tokenizer ({e})",
+                              "re-save the adapter's tokenizer, or remove it to use the base's") from None
+    if (folder / "tokenizer.model").is_file():
+        from common.tokenizer_files import load_model_proto
+
+        return len(load_model_proto(folder / "tokenizer.model").pieces), folder / "tokenizer.model"
+    return None
+
+
+def check_plain_adapter(base: Checkpoint, acfg: dict[str, Any], adapter_dir: Path, allow_other: bool,
+                        warn=print) -> str:
+    """A plain peft adapter (no graft_adapter.json) names its base only in `base_model_name_or_path`.
+    A local folder there is compared with --base (same folder, or the same fingerprint: configuration and
+    weight probes); a name that is not a folder here cannot be compared and gives a warning. The adapter's
+    own tokenizer, which the merged folder takes, must fit the base's vocabulary. Shapes are checked tensor by
+    tensor in plan_merge. Returns what was concluded (recorded in the manifest)."""
+    vocab = base.config.get("vocab_size")
+    tok = _tokenizer_size(adapter_dir)
+    if tok is not None and vocab is not None and tok[0] > vocab:
+        raise input_error(tok[1], f"the adapter's tokenizer has {tok[0]} pieces but the base {base.dir} has a "
+                                  f"vocabulary of {vocab} rows: it was trained for a grown vocabulary",
+                          "pass the base it was trained on (for a grown vocabulary, the output of `graft embed init`)")
+    named = acfg.get("base_model_name_or_path")
+    where = adapter_dir / ADAPTER_CONFIG
+    if not named:
+        warn(f"graft merge: warning: {where} does not name its base (base_model_name_or_path is empty); merging "
+             f"onto {base.dir} with only the tensor shapes checked")
+        return "unnamed; shapes checked"
+    p = Path(named)
+    if not p.is_dir():
+        warn(f"graft merge: warning: {where}: base_model_name_or_path is {named!r}, which is not a folder here, so "
+             f"its weights cannot be compared with {base.dir}; shapes and vocabulary size were checked. Make sure "
+             "it is the same model")
+        return f"named {named!r}, not a local folder; shapes checked"
+    if p.resolve() == Path(base.dir).resolve():
+        return "same folder"
+    have, want = base_fingerprint(base.dir), base_fingerprint(p)
+    if have == want:
+        return f"named {named!r}: same configuration and weight probes"
+    what = "configuration" if have["config"] != want["config"] else "weights"
+    if allow_other:
+        warn(f"graft merge: warning: the adapter was trained on {named} ({what} differ from {base.dir}); merging "
+             "anyway (--allow-other-base)")
+        return f"named {named!r}: {what} differ; --allow-other-base"
+    raise input_error(where, f"base_model_name_or_path is {named}, whose {what} differ from --base {base.dir}: "
+                             "the adapter was trained on another base",
+                      f"pass --base {named}, or --allow-other-base if you know the weights are equivalent")
+
+
 def merge_adapter(cfg: MergeConfig) -> Path:
     """Write cfg.out: the base with the adapter merged in, as a full HF checkpoint. Returns cfg.out."""
     cfg.validate()
     started = time.time()
     out, adapter_dir = Path(cfg.out), Path(cfg.adapter)
-    if is_complete(out):
-        print(f"{out}: already complete (manifest.json); delete it to merge again")
+    rerun = rerun_record(cfg, {"base": cfg.base, "adapter": adapter_dir})
+    if check_rerun(out, rerun, stage="continual.merge", overwrite=getattr(cfg, "overwrite", False)):
         return out
     out_dtype = None if cfg.dtype == "auto" else dtype_by_name(cfg.dtype)
     acfg, header, info = read_adapter(adapter_dir)
     base = open_checkpoint(cfg.base)
     check_adapter_base(base, info, adapter_dir, cfg.allow_other_base)
-    plan, counts = plan_merge(base, adapter_dir, acfg, header, out_dtype)
+    plan, counts = plan_merge(base, adapter_dir, acfg, header, out_dtype)  # shapes, tensor by tensor
+    base_check = "graft_adapter.json" if info else check_plain_adapter(base, acfg, adapter_dir, cfg.allow_other_base)
     tok_src = adapter_dir if any((adapter_dir / f).is_file() for f in TOKENIZER_FILES) else Path(cfg.base)
     with atomic_path(out) as tmp:
         tmp.mkdir()
@@ -255,5 +315,5 @@ def merge_adapter(cfg: MergeConfig) -> Path:
                        lora={"r": acfg.get("r"), "lora_alpha": acfg.get("lora_alpha"),
                              "use_rslora": bool(acfg.get("use_rslora"))},
                        merged_onto="the base's full-precision weights (not the NF4 weights seen in training)",
-                       tokenizer_files=tok_files)
+                       tokenizer_files=tok_files, base_check=base_check, rerun=rerun)
     return out

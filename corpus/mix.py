@@ -18,6 +18,7 @@ import numpy as np
 
 from common.errors import GraftError, input_error
 from common.io import atomic_path, write_manifest
+from common.rerun import check_rerun, rerun_record
 from corpus.blocks import MIX_INDICES, MIX_STAGE, PREPARE_STAGE, manifest_bos, read_complete_manifest
 from corpus.registry import DEFAULT_REGISTRY, load_registry
 
@@ -42,6 +43,8 @@ class MixConfig:
     out: str = field(metadata={"help": "output folder"})
     registry: str = field(default=DEFAULT_REGISTRY, metadata={"help": "dataset registry used to resolve names"})
     seed: int = field(default=0, metadata={"help": "seed of the samples and shuffles"})
+    overwrite: bool = field(default=False, metadata={"help": "replace --out when it holds a mix made with other "
+                                                             "settings or sources (the same ones: skipped)"})
 
 
 def parse_spec(spec: str) -> list[tuple[float, str]]:
@@ -141,6 +144,10 @@ def mix(cfg: MixConfig) -> Path:
         s.update(selected_blocks=i["selected"], repeats=i["repeats"], sampled_blocks=i["sampled"],
                  tokens=i["selected"] * block_size)
     out = Path(cfg.out)
+    # A source is identified by its manifest (rewritten whenever it is prepared again), not by re-reading its blocks.
+    rerun = rerun_record(cfg, {f"source_{i}": Path(s["path"]) / "manifest.json" for i, s in enumerate(sources)})
+    if check_rerun(out, rerun, stage=MIX_STAGE, overwrite=cfg.overwrite, in_place=True):
+        return out
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / MIX_INDICES) as tmp:
         with open(tmp, "wb") as f:
@@ -151,7 +158,7 @@ def mix(cfg: MixConfig) -> Path:
                       "tokens": sum(s["dev_blocks"] for s in sources) * block_size}}
     write_manifest(out, stage=MIX_STAGE, config=cfg, inputs={"sources": [s["path"] for s in sources]},
                    counts=counts, started=started, sources=sources, block_size=block_size,
-                   tokenizer={"sha256": sources[0]["tokenizer_sha256"]}, bos=sources[0]["bos"])
+                   tokenizer={"sha256": sources[0]["tokenizer_sha256"]}, bos=sources[0]["bos"], rerun=rerun)
     print(budget_table(sources, block_size))
     print(f"wrote {out} (load with corpus.blocks.load_blocks)")
     return out
