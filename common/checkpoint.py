@@ -340,6 +340,59 @@ def byte_range_writer(info: TensorInfo):
     return write
 
 
+SHARD_FILES = "shard_files"  # manifest key: {shard: {"bytes": N, "sha256": hex}} of the shards a stage wrote
+
+
+def shard_digest(path: str | Path) -> dict[str, Any]:
+    from common.io import file_sha256
+
+    p = Path(path)
+    return {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+
+
+def shard_references(ckpt: Checkpoint) -> dict[str, tuple[dict[str, Any], str]]:
+    """What each shard's bytes should be, where that is known: the `shard_files` of the folder's manifest.json
+    (written by graft stages), or the name of a Hugging Face cache blob (`blobs/<sha256>`) a shard links to.
+    Safetensors itself has no checksum."""
+    refs: dict[str, tuple[dict[str, Any], str]] = {}
+    manifest = ckpt.dir / "manifest.json"
+    if manifest.is_file():
+        try:
+            recorded = json.loads(manifest.read_text(encoding="utf-8")).get(SHARD_FILES) or {}
+        except (json.JSONDecodeError, OSError):
+            recorded = {}
+        for shard in ckpt.headers:
+            if isinstance(recorded.get(shard), dict) and recorded[shard].get("sha256"):
+                refs[shard] = (recorded[shard], f"{manifest} ({SHARD_FILES})")
+    for shard in ckpt.headers:
+        p = ckpt.dir / shard
+        if shard not in refs and p.is_symlink():
+            blob = p.resolve().name
+            if len(blob) == 64 and all(c in "0123456789abcdef" for c in blob):
+                refs[shard] = ({"sha256": blob}, f"the Hugging Face cache blob name {blob}")
+    return refs
+
+
+def verify_shards(ckpt: Checkpoint) -> dict[str, dict[str, Any]]:
+    """Check every shard with a known reference (shard_references) by size and sha256; GraftError on the first
+    that differs. Returns {shard: digest} of the shards checked."""
+    checked = {}
+    for shard, (want, where) in shard_references(ckpt).items():
+        path = ckpt.dir / shard
+        got = shard_digest(path)
+        if "bytes" in want and want["bytes"] != got["bytes"]:
+            problem = f"is {got['bytes']:,} bytes but {where} records {want['bytes']:,}"
+        elif want["sha256"] != got["sha256"]:
+            problem = (f"has sha256 {got['sha256'][:16]}... but {where} records {want['sha256'][:16]}...: its bytes "
+                       "changed after it was written (a disk or copy error, or an edit)")
+        else:
+            checked[shard] = got
+            continue
+        raise input_error(path, f"corrupt shard: it {problem}",
+                          "restore or re-download the shard, or re-run the stage that wrote the checkpoint")
+    return checked
+
+
 def rewrite_checkpoint(src: Checkpoint, out_dir: str | Path, plan: Mapping[str, TensorPlan], *,
                        link: bool = True, new_shard: str = "model-extra.safetensors",
                        move_to_new_shard: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -358,13 +411,15 @@ def rewrite_checkpoint(src: Checkpoint, out_dir: str | Path, plan: Mapping[str, 
 
     Only weights are written (not config.json or tokenizer files). `out_dir` must exist; write it inside
     `common.io.atomic_path` so an interrupted run leaves nothing that looks complete.
+    Source shards with a known sha256 (shard_references) are checked first.
     Returns {"linked": [...], "copied": [...], "rewritten": [...], "new": [...], "dropped": [...],
-    "total_size": N, "weight_map": {...}}.
+    "total_size": N, "weight_map": {...}, "shard_files": {shard: {"bytes", "sha256"}}, "verified_source_shards": [...]}.
     """
     from tqdm import tqdm
 
     out = Path(out_dir)
     report: dict[str, Any] = {"linked": [], "copied": [], "rewritten": [], "new": [], "dropped": []}
+    verified = verify_shards(src)  # a shard whose recorded sha256 differs is never linked or read
     move = move_to_new_shard and src.sharded
     extra = [n for n in plan if not src.has(n) or move]
     if extra and not src.sharded:
@@ -423,7 +478,10 @@ def rewrite_checkpoint(src: Checkpoint, out_dir: str | Path, plan: Mapping[str, 
             meta["total_parameters"] = params
         write_index(out, ordered, total, meta)
         weight_map = ordered
-    report.update(total_size=total, weight_map=weight_map)
+    # Sizes and sha256 of what was written, for the manifest (a later stage reading this folder checks them).
+    files = {shard: verified[shard] if shard in verified and shard not in shard_entries else shard_digest(out / shard)
+             for shard in order}
+    report.update(total_size=total, weight_map=weight_map, shard_files=files, verified_source_shards=sorted(verified))
     return report
 
 

@@ -315,5 +315,6 @@ def merge_adapter(cfg: MergeConfig) -> Path:
                        lora={"r": acfg.get("r"), "lora_alpha": acfg.get("lora_alpha"),
                              "use_rslora": bool(acfg.get("use_rslora"))},
                        merged_onto="the base's full-precision weights (not the NF4 weights seen in training)",
-                       tokenizer_files=tok_files, base_check=base_check, rerun=rerun)
+                       tokenizer_files=tok_files, base_check=base_check, rerun=rerun,
+                       shard_files=report["shard_files"], verified_source_shards=report["verified_source_shards"])
     return out

@@ -197,6 +197,8 @@ def train_base(cfg: DemoBaseConfig) -> Path:
     final = dev_eval(cfg.eval_docs) if dev_texts else {}
     rows[-1].update(final)
 
+    from common.checkpoint import shard_digest
+
     out = Path(cfg.out)
     with atomic_path(out) as tmp:
         model.save_pretrained(tmp, max_shard_size=cfg.max_shard_size, safe_serialization=True)
@@ -214,5 +216,5 @@ def train_base(cfg: DemoBaseConfig) -> Path:
             counts["dev_bpb"] = final["zh_news_dev_bpb"]
         write_manifest(tmp, stage="demo.base", config=cfg, started=started, counts=counts,
                        inputs={"inputs": cfg.inputs, "tokenizer": cfg.tokenizer, "dev": cfg.dev},
-                       losses=LOSS_CSV)
+                       losses=LOSS_CSV, shard_files={f.name: shard_digest(f) for f in sorted(tmp.glob("*.safetensors"))})
     return out
