@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-export llama-cpp clean
 
 setup: $(STAMP)
 
@@ -19,8 +19,18 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/graft run workflows/demo.toml
 
+# Installs llama.cpp for the GGUF export tests only if `make llama-cpp` cached it (else those tests skip).
 test: setup
+	$(BIN)/python -m export.llama_cpp install --if-cached
 	$(BIN)/python -m pytest -q -rs tests
+
+# The llama.cpp pinned in export/llama_cpp.py: its converter and the llama-cpp-python wheel built from the
+# same sdist, cached in .cache/ (kept by `make clean`; the build takes minutes once, see docs/export.md).
+llama-cpp: setup
+	$(BIN)/python -m export.llama_cpp install
+
+test-export: llama-cpp
+	GRAFT_REQUIRE_LLAMA_CPP=1 $(BIN)/python -m pytest -q -rs tests/test_export_gguf.py
 
 clean:
 	rm -rf $(VENV) runs

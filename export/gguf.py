@@ -213,13 +213,13 @@ def export_gguf(cfg: GgufConfig) -> Path:
 
     started = time.time()
     cfg.validate()
-    src = llama_cpp.source_dir(cfg.llama_cpp or None)
     model, out = Path(cfg.model), Path(cfg.out)
     as_folder = out.suffix != ".gguf"
     if out.exists() and not cfg.overwrite:
         raise input_error(out, "output already exists", "pass --overwrite to replace it, or choose another --out")
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if cfg.progress else (lambda msg: None)
-    sizes = check_vocab(model)
+    sizes = check_vocab(model)  # first: a wrong checkpoint is reported before llama.cpp is looked for
+    src = llama_cpp.source_dir(cfg.llama_cpp)
     say(f"vocabulary: config {sizes.config}, embed_tokens {sizes.embed_rows}, lm_head "
         f"{sizes.lm_head_rows if sizes.lm_head_rows is not None else 'tied'}, tokenizer {sizes.tokenizer}"
         + (f" (+{sizes.padding} padded rows -> unused tokens)" if sizes.padding else ""))
