@@ -53,6 +53,11 @@ class AuditConfig:
     progress: bool = field(default=True, metadata={"help": "show a progress bar with MB/s"})
 
 
+    def __post_init__(self) -> None:  # out-of-range values fail when the config is built (CLI, TOML, workflow)
+        from common.validate import check_ranges
+
+        check_ranges(self, {"workers": ">=1", "batch_mb": ">0"})
+
 # ---------------------------------------------------------------------------------------------
 # tokenizers
 

@@ -51,7 +51,10 @@ class ReportConfig:
     def __post_init__(self) -> None:  # bad values fail when the workflow is read, not after training
         from workflows.evaluate import check_load_settings
 
+        from common.validate import check_ranges
+
         check_load_settings(self.load, self.dtype)
+        check_ranges(self, {"max_new_tokens": ">=0"})
 
 
 # ---------------------------------------------------------------- a tiny document model

@@ -52,6 +52,11 @@ class ScoreConfig:
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
 
+    def __post_init__(self) -> None:  # out-of-range values fail when the config is built (CLI, TOML, workflow)
+        from common.validate import check_ranges
+
+        check_ranges(self, {"samples": ">=1", "threads": ">=0"})
+
 @dataclass
 class Sample:
     lines: list[str]

@@ -41,6 +41,11 @@ class CountConfig:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
 
+    def __post_init__(self) -> None:  # out-of-range values fail when the config is built (CLI, TOML, workflow)
+        from common.validate import check_ranges
+
+        check_ranges(self, {"block_size": ">=1", "workers": ">=1", "threads": ">=0", "max_doc_bytes": ">=1"})
+
 def count(cfg: CountConfig) -> dict[str, dict]:
     """Returns {dataset: {"counts": {split: {documents, characters, tokens, blocks}}, "rejects": {...}}}."""
     from corpus.runner import Progress, run_jobs

@@ -72,6 +72,12 @@ class PrepareConfig:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
 
+    def __post_init__(self) -> None:  # out-of-range values fail when the config is built (CLI, TOML, workflow)
+        from common.validate import check_ranges
+
+        check_ranges(self, {"block_size": ">=1", "workers": ">=1", "threads": ">=0", "num_shards": ">=1",
+                            "shard_index": ">=0", "batch_chars": ">=1", "max_doc_bytes": ">=1", "pad_id": ">=0"})
+
 @dataclass
 class _Resolved:
     name: str

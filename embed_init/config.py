@@ -73,3 +73,8 @@ class EmbedCheckConfig:
     max_tokens: int = field(default=256, metadata={"help": "tokens of text for the forward-pass check"})
     atol: float = field(default=0.0, metadata={
         "help": "allowed absolute difference of old-id logits (0 = must be identical)"})
+
+    def __post_init__(self) -> None:
+        from common.validate import check_ranges
+
+        check_ranges(self, {"max_tokens": ">=1", "atol": ">=0"})

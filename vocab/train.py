@@ -66,6 +66,12 @@ class TrainConfig:
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
 
+    def __post_init__(self) -> None:  # out-of-range values fail when the config is built (CLI, TOML, workflow)
+        from common.validate import check_ranges
+
+        check_ranges(self, {"chars": ">=1", "max_sentences": ">=1", "threads": ">=1",
+                            "max_sentencepiece_length": ">=1"})
+
 # ---------------------------------------------------------------------------------------------
 # characters
 

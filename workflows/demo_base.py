@@ -86,6 +86,13 @@ class DemoBaseConfig:
     max_shard_size: str = field(default="4MB", metadata={"help": "checkpoint shard size (several shards exercise "
                                                                    "the shard-by-shard stages)"})
 
+    def __post_init__(self) -> None:  # out-of-range values fail when the config is built (CLI, TOML, workflow)
+        from common.validate import check_ranges
+
+        check_ranges(self, {"hidden": ">=1", "intermediate": ">=1", "layers": ">=1", "experts": ">=1", "seq_len": ">=1",
+                            "batch_size": ">=1", "steps": ">=1", "learning_rate": ">0", "eval_every": ">=0",
+                            "eval_docs": ">=0"})
+
 
 def read_jsonl_texts(paths: list[str]) -> list[str]:
     from corpus.readers import RejectLog, iter_texts

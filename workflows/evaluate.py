@@ -266,7 +266,10 @@ class EvalConfig:
                                                          "CPU)"})
 
     def __post_init__(self) -> None:  # bad values fail when the workflow is read, not after training
+        from common.validate import check_ranges
+
         check_load_settings(self.load, self.dtype)
+        check_ranges(self, {"max_len": ">=1", "max_docs": ">=0", "batch_size": ">=1"})
 
 
 def evaluate_models(cfg: EvalConfig) -> Path:

@@ -1,0 +1,49 @@
+"""Range checks for config values, run when a config is built (command line, TOML file, workflow file).
+
+Each config lists its numeric fields with a rule; `check_ranges` raises one GraftError naming every
+value out of range, the key (and its command-line flag) and what is allowed:
+
+    def __post_init__(self) -> None:
+        check_ranges(self, {"learning_rate": ">0", "lora_dropout": "[0,1)", "block_size": ">=1"})
+
+Rules: ">0", ">=0", ">=1", "[0,1)", "[0,1]", "(0,1]". `None` values (optional fields left unset) pass.
+A workflow file builds every stage's config once when it is read (workflows/spec.py), so a bad value
+there fails at load time with the table name, not hours later when the stage is reached.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from common.errors import GraftError
+
+_RULES = {
+    ">0": (lambda v: v > 0, "must be > 0", "a positive value"),
+    ">=0": (lambda v: v >= 0, "must be >= 0", "0 or a positive value"),
+    ">=1": (lambda v: v >= 1, "must be >= 1", "1 or more"),
+    "[0,1)": (lambda v: 0 <= v < 1, "must be in [0, 1)", "a value from 0 up to, not including, 1"),
+    "[0,1]": (lambda v: 0 <= v <= 1, "must be in [0, 1]", "a value from 0 to 1"),
+    "(0,1]": (lambda v: 0 < v <= 1, "must be in (0, 1]", "a value above 0, at most 1"),
+}
+
+
+def range_problems(cfg: Any, rules: Mapping[str, str]) -> list[str]:
+    problems = []
+    for key, rule in rules.items():
+        value = getattr(cfg, key)
+        if value is None or isinstance(value, bool):
+            continue
+        ok, what, fix = _RULES[rule]
+        values = value if isinstance(value, (list, tuple)) else [value]
+        bad = [v for v in values if isinstance(v, (int, float)) and (v != v or not ok(v))]  # v != v: NaN
+        if bad:
+            problems.append(f"`{key}` (--{key.replace('_', '-')}) = {bad[0]!r} {what}. Fix: set {key} to {fix}")
+    return problems
+
+
+def check_ranges(cfg: Any, rules: Mapping[str, str]) -> None:
+    """Raise GraftError naming every key of `cfg` whose value breaks its rule (see the module docstring)."""
+    problems = range_problems(cfg, rules)
+    if len(problems) == 1:
+        raise GraftError(problems[0])
+    if problems:
+        raise GraftError("out-of-range settings:\n  " + "\n  ".join(problems))
