@@ -106,6 +106,10 @@ def check_train_config_for(launch: dict, cfg, where: str | Path, cuda: bool = Tr
     `cuda`: whether the processes compute on GPUs (decides compute_dtype = "auto"); a job is queued for GPUs.
     """
     kind = launch["distributed_type"]
+    if launch.get("use_cpu") is True and kind in ("DEEPSPEED", "FSDP"):
+        raise input_error(where, f"use_cpu: true makes accelerate drop {kind} and run plain DDP on CPU",
+                          "set use_cpu: false: graft train runs DeepSpeed on CPU (gloo) by itself when the machine "
+                          "has no GPU")
     ds = launch.get("deepspeed_config") or {}
     zero3 = kind == "DEEPSPEED" and int(ds.get("zero_stage", 0)) == 3
     if (kind == "FSDP" or zero3) and cfg.quant_storage != "bfloat16":

@@ -153,6 +153,12 @@ def test_launch_yaml_that_disagrees_with_the_train_config_is_refused(tmp_path):
     with pytest.raises(GraftError, match=r"gradient_accumulation_steps = 2, but the train config has grad_accum = 4"):
         launcher.check_train_config_for(_launch_yaml(tmp_path, "deepspeed-zero3", accum), cfg, where)
 
+    def use_cpu(d):
+        d["use_cpu"] = True
+    with pytest.raises(GraftError, match=r"use_cpu: true makes accelerate drop DEEPSPEED and run plain DDP on CPU\. "
+                                         r"Fix: set use_cpu: false"):
+        launcher.check_train_config_for(_launch_yaml(tmp_path, "deepspeed-zero2", use_cpu), cfg, where)
+
     # a DeepSpeed JSON named by the YAML: its values must be "auto" or agree
     ds_json = tmp_path / "ds.json"
 
