@@ -266,10 +266,11 @@ def train(cfg: TrainConfig) -> Path:
     # A parameter without a gradient in a step (an expert no token was routed to, new-row deltas of a batch
     # without new ids) must not stall DDP's gradient reduction, and every engine must step it alike: DeepSpeed
     # and FSDP keep flat buffers, where it gets a zero gradient (AdamW then decays its moments and counts the
-    # step). So it gets an explicit zero gradient everywhere, one process included; ZeRO-3 (parameters
-    # partitioned outside forward, each MoE block one leaf per the launch YAML) does so by itself.
+    # step). So it gets an explicit zero gradient everywhere, one process included. ZeRO-3 (each MoE block one
+    # leaf per the launch YAML) and FSDP hold parameters sharded outside forward and zero-fill their flat
+    # gradients by themselves.
     train_params = [p for _, p in trainable]
-    every_param_used = not zero3
+    every_param_used = not (zero3 or fsdp)
     raw_model = accelerator.unwrap_model(model)
 
     step, micro_pos, tokens = 0, 0, 0
