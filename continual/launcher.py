@@ -134,15 +134,16 @@ def check_train_config_for(launch: dict, cfg, where: str | Path, cuda: bool = Tr
         if key in ds and str(ds[key]).lower() != "auto" and float(ds[key]) != float(ours):
             raise _disagree(where, f"deepspeed_config.{key}", ds[key], ours, train_key, ours)
     if ds.get("deepspeed_config_file"):
-        deepspeed_config(cfg, launch, world=1, cuda=cuda)  # reads and checks the JSON
+        deepspeed_config(cfg, launch, world=None, cuda=cuda)  # reads and checks the JSON
 
 
-def deepspeed_config(cfg, launch: dict, world: int, cuda: bool) -> dict:
+def deepspeed_config(cfg, launch: dict, world: int | None, cuda: bool) -> dict:
     """The DeepSpeed JSON config of a run, from the train config: micro batch, gradient accumulation, clipping
     (max_grad_norm) and bf16 (compute_dtype); ZeRO stage and offload from the launch config.
 
     A `deepspeed_config_file` named by the launch config is the starting point; its values must be "auto" or
-    agree with the train config. Optimizer and scheduler stay in graft train's hands.
+    agree with the train config. Optimizer and scheduler stay in graft train's hands. `world`: the number of
+    processes (None: not known yet, train_batch_size is then neither checked nor set).
     """
     ds = launch.get("deepspeed_config") or {}
     path = ds.get("deepspeed_config_file")
@@ -155,12 +156,13 @@ def deepspeed_config(cfg, launch: dict, world: int, cuda: bool) -> dict:
     bf16 = _compute_dtype(cfg, cuda) == "bfloat16"
     ours = {"train_micro_batch_size_per_gpu": (cfg.micro_batch_size, "micro_batch_size"),
             "gradient_accumulation_steps": (cfg.grad_accum, "grad_accum"),
-            "train_batch_size": (cfg.micro_batch_size * cfg.grad_accum * world, "micro_batch_size x grad_accum x "
-                                                                                 "processes"),
             "gradient_clipping": (float(cfg.max_grad_norm), "max_grad_norm")}
+    if world is not None:
+        ours["train_batch_size"] = (cfg.micro_batch_size * cfg.grad_accum * world,
+                                    f"micro_batch_size x grad_accum x {world} processes")
     for key, (value, train_key) in ours.items():
         have = conf.get(key, "auto")
-        if have != "auto" and key != "train_batch_size" and float(have) != float(value):
+        if have != "auto" and float(have) != float(value):
             raise _disagree(where, key, have, value, train_key, value)
         conf[key] = value
     for section, on in (("bf16", bf16), ("fp16", False)):
