@@ -27,10 +27,11 @@ def _errno_of(exc: BaseException) -> int | None:
 
     if getattr(exc, "errno", None):
         return exc.errno
-    m = re.search(r"\[Errno (\d+)\]|error (\d+)", str(exc))
+    text = f"{exc} {getattr(exc, 'strerror', '') or ''}"
+    m = re.search(r"errno:? ?(\d+)", text, re.I)
     if m:
-        return int(m.group(1) or m.group(2))
-    if "No space left on device" in str(exc):
+        return int(m.group(1))
+    if "no space left on device" in text.lower():
         return 28
     return None
 
@@ -44,7 +45,11 @@ def io_failure(exc: BaseException, output: str | Path | None, state: str, what: 
     code = _errno_of(exc)
     reason = os.strerror(code) if code else (getattr(exc, "strerror", None) or str(exc).splitlines()[0][:200])
     name = errno_mod.errorcode.get(code, "") if code else ""
-    file = getattr(exc, "filename", None)
+    file = None
+    for candidate in (getattr(exc, "filename2", None), getattr(exc, "filename", None)):  # copy errors: (src, dst)
+        if candidate and output and Path(str(candidate)).resolve().is_relative_to(Path(output).resolve().parent):
+            file = candidate  # a file being written (or its temporary); a source file would mislead
+            break
     target = f"writing {output}" if output else "writing the output"
     head = f"{what + ': ' if what else ''}{reason}{f' ({name})' if name else ''} while {target}" + \
            (f" (file {file})" if file else "")

@@ -38,7 +38,7 @@ def flip_byte(path: Path, offset_from_end: int = 64) -> None:
 def tree_bytes(folder: Path, skip=("manifest.json",)) -> dict[str, bytes]:
     """Every file's bytes under `folder` (but run-specific ones), for comparing two outputs."""
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name not in skip and not any(x.startswith(".") for x in p.relative_to(folder).parts)}
+            if p.is_file() and not any(x in skip or x.startswith(".") for x in p.relative_to(folder).parts)}
 
 
 def jsonl(path: Path, texts) -> Path:
@@ -49,3 +49,22 @@ def jsonl(path: Path, texts) -> Path:
 
 def env_without_gpu() -> dict:
     return {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+
+
+def candidate_model(base: Path, out: Path, lines, n: int = 40) -> Path:
+    """A SentencePiece BPE candidate: the base's pieces plus `n` frequent Chinese pairs (no training needed)."""
+    from collections import Counter
+
+    from common.tokenizer_files import load_model_proto
+
+    proto = load_model_proto(base)
+    have = {p.piece for p in proto.pieces}
+    counts = Counter(l[i:i + 2] for l in lines[:1500] for i in range(len(l) - 1))
+    words = [w for w, _ in counts.most_common() if all("\u4e00" <= c <= "\u9fff" for c in w) and w not in have][:n]
+    score = min(p.score for p in proto.pieces)
+    for i, w in enumerate(words):
+        p = proto.pieces.add()
+        p.piece, p.score, p.type = w, score - 1 - i, 1
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(proto.SerializeToString())
+    return out
