@@ -79,11 +79,15 @@ def check_vocab(model: str | Path) -> VocabSizes:
     model = Path(model)
     config = _read_config(model)
     spm_path = model / "tokenizer.model"
-    if not spm_path.is_file():
+    if not spm_path.is_file() and (model / "tokenizer.json").is_file():
         raise input_error(model, "no tokenizer.model: only SentencePiece tokenizers (Llama, Mistral, Mixtral) "
                                  "are exported so far; byte-level BPE bases (tokenizer.json only) wait for the "
                                  "byte-level graft (issue 12)",
                           "pass a checkpoint with its SentencePiece tokenizer.model (graft merge copies it)")
+    if not spm_path.is_file():
+        raise input_error(model, "no tokenizer files (tokenizer.model expected): llama.cpp's file holds the "
+                                 "vocabulary", "copy the tokenizer folder (`graft vocab merge` output, or the "
+                                 "base's tokenizer) into the checkpoint")
     if not isinstance(config.get("vocab_size"), int):
         raise input_error(model / "config.json", f"key 'vocab_size' is {config.get('vocab_size')!r}, not an integer",
                           "set it to the number of rows of model.embed_tokens.weight")
@@ -146,8 +150,9 @@ def run_converter(src: Path, model: Path, out_file: Path, outtype: str, progress
         errors = [t for t in tail if "error" in t.lower() or "not supported" in t.lower()] or list(tail)[-5:]
         raise input_error(model, f"llama.cpp's convert_hf_to_gguf.py ({llama_cpp.REVISION}) failed with exit "
                                  f"{proc.returncode}: " + " | ".join(e.strip() for e in errors[-6:]),
-                          "read llama.cpp's message above: an architecture it does not support cannot be exported "
-                          f"(list: python {src / 'convert_hf_to_gguf.py'} --print-supported-models)")
+                          "an architecture llama.cpp's converter does not support cannot be exported (list: python "
+                          f"{src / 'convert_hf_to_gguf.py'} --print-supported-models); otherwise read its log "
+                          "(shown unless --no-progress)")
     return time.time() - started
 
 

@@ -9,6 +9,7 @@ a missing piece fails instead of skipping). Size checks run everywhere.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -22,7 +23,7 @@ import pytest
 from common.errors import GraftError
 from export import llama_cpp
 from export.config import GgufConfig
-from export.gguf import export_gguf
+from export.gguf import check_gguf, check_vocab, export_gguf
 from export.testing import TRAIN_LINES, grafted_mixtral
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,6 +139,14 @@ def test_padded_rows_become_unused_tokens(ws, src, f32):
     assert tokens[n_tok] == f"[PAD{n_tok}]"
     assert all(t != gguf.TokenType.UNUSED for t in types[:n_tok])
     assert tokens.index("<|im_start|>") >= 32000 and types[tokens.index("<|im_start|>")] == gguf.TokenType.CONTROL
+    # the check run after each conversion catches a file whose padding is not UNUSED, or a short vocabulary
+    sizes = check_vocab(ws["merged"])
+    assert check_gguf(src, f32, ws["merged"], sizes)["padded_unused"] == cfg["vocab_size"] - n_tok
+    with pytest.raises(GraftError, match=r"m-f32\.gguf: the converted file does not match the checkpoint: "
+                                         r"10 padded ids are not UNUSED tokens"):
+        check_gguf(src, f32, ws["merged"], dataclasses.replace(sizes, tokenizer=n_tok - 10))
+    with pytest.raises(GraftError, match=rf"{cfg['vocab_size']} tokens, expected {cfg['vocab_size'] + 64}"):
+        check_gguf(src, f32, ws["merged"], dataclasses.replace(sizes, config=cfg["vocab_size"] + 64))
 
 
 # ---------------------------------------------------------------- checked by llama.cpp itself
