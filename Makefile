@@ -27,6 +27,7 @@ test: setup
 # The llama.cpp pinned in export/llama_cpp.py: its converter and the llama-cpp-python wheel built from the
 # same sdist, cached in .cache/ (kept by `make clean`; the build takes minutes once, see docs/export.md).
 llama-cpp: setup
+	$(BIN)/pip install --quiet -e '.[dev,export]'
 	$(BIN)/python -m export.llama_cpp install
 
 test-export: llama-cpp
