@@ -63,6 +63,24 @@ def _remove(p: Path) -> None:
         p.unlink()
 
 
+def remove_stale_temps(out: str | Path) -> None:
+    """Remove temp folders that an interrupted (killed) earlier run on this machine left next to `out`
+    (`.NAME.tmp-PID` / `.NAME.old-PID` whose process is gone)."""
+    out = Path(out)
+    for p in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = p.name.rpartition("-")
+        if not kind.endswith((".tmp", ".old")) or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # that process is still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:

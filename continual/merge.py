@@ -24,7 +24,7 @@ from typing import Any
 from common.checkpoint import (CONFIG_FILE, Checkpoint, TensorPlan, copy_side_files, open_checkpoint,
                                read_shard_header, rewrite_checkpoint, safetensors_dtype, torch_dtype)
 from common.errors import GraftError, input_error
-from common.io import atomic_path, atomic_write_json, read_json, write_manifest
+from common.io import atomic_path, atomic_write_json, read_json, remove_stale_temps, write_manifest
 from common.rerun import check_rerun, rerun_record
 from continual.config import MergeConfig
 from continual.fingerprint import base_fingerprint
@@ -289,6 +289,7 @@ def merge_adapter(cfg: MergeConfig) -> Path:
     base = open_checkpoint(cfg.base)
     check_adapter_base(base, info, adapter_dir, cfg.allow_other_base)
     plan, counts = plan_merge(base, adapter_dir, acfg, header, out_dtype)  # shapes, tensor by tensor
+    remove_stale_temps(out)  # a killed earlier run's partial checkpoint
     base_check = "graft_adapter.json" if info else check_plain_adapter(base, acfg, adapter_dir, cfg.allow_other_base)
     tok_src = adapter_dir if any((adapter_dir / f).is_file() for f in TOKENIZER_FILES) else Path(cfg.base)
     with atomic_path(out) as tmp:

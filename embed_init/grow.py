@@ -8,7 +8,6 @@ stays a single `model.safetensors`: transformers prefers that file over an index
 """
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from collections import Counter
@@ -19,7 +18,8 @@ from common.checkpoint import (CONFIG_FILE, Checkpoint, TensorPlan, copy_side_fi
                                rewrite_checkpoint, torch_dtype)
 from common.errors import input_error
 from common.rerun import check_rerun, rerun_record
-from common.io import MANIFEST, atomic_path, atomic_write_json, file_sha256, is_complete, read_manifest, write_manifest
+from common.io import (MANIFEST, atomic_path, atomic_write_json, file_sha256, is_complete, read_manifest,
+                       remove_stale_temps, write_manifest)
 from embed_init.config import EmbedInitConfig
 from embed_init.tokens import SPECIAL, SurfaceEncoder, TokenizerPieces, check_extends, load_pieces
 
@@ -144,22 +144,6 @@ def fill_new_rows(new, n_old: int, n_new: int, method: str, sources: list[list[i
     return new
 
 
-def _remove_stale_temps(out: Path) -> None:
-    """Remove temp folders that an interrupted (killed) earlier run left next to `out`."""
-    for p in out.parent.glob(f".{out.name}.*-*"):
-        kind, _, pid = p.name.rpartition("-")
-        if not kind.endswith((".tmp", ".old")) or not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # that process is still running
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-
-
 def write_tokenizer(new_tokenizer: str | Path, out: Path) -> list[str]:
     """Put the new tokenizer into `out` as a HF folder (copy a folder; convert a bare .model)."""
     src = Path(new_tokenizer)
@@ -246,7 +230,7 @@ def grow_embeddings(cfg: EmbedInitConfig) -> Path:
     plan = {embed: plan_for(embed, cfg.seed)}
     if lm_head:
         plan[lm_head] = plan_for(lm_head, cfg.seed if tied else cfg.seed + 1)
-    _remove_stale_temps(out)
+    remove_stale_temps(out)
     with atomic_path(out) as tmp:
         tmp.mkdir()
         report = rewrite_checkpoint(ckpt, tmp, plan, link=cfg.link, progress=cfg.progress,
