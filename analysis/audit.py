@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from common.errors import GraftError, input_error
+from common.rerun import guard, listed, overwrite_field
 from corpus.readers import ON_CORRUPT_HELP, prefetch
 
 FORMATS = ("md", "csv", "json")
@@ -50,6 +51,7 @@ class AuditConfig:
     batch_mb: float = field(default=1.0, metadata={"help": "text per batch, in MB"})
     field_name: str = field(default="text", metadata={"help": "JSON field / parquet column holding the text"})
     on_corrupt: str = field(default="stop", metadata={"help": ON_CORRUPT_HELP})
+    overwrite: bool = overwrite_field()
     progress: bool = field(default=True, metadata={"help": "show a progress bar with MB/s"})
 
 
@@ -297,7 +299,12 @@ def audit(cfg: AuditConfig) -> Path | None:
 
     started = time.time()
     out = Path(cfg.out) if cfg.out else None
+    rerun = None
     if out is not None:
+        skip, rerun = guard(cfg, out, stage="audit", in_place=True, volatile=("format", "batch_mb"),
+                            inputs={**listed("tokenizer", cfg.tokenizers), **listed("corpus", cfg.corpus)})
+        if skip:
+            return out
         out.mkdir(parents=True, exist_ok=True)
         (out / "manifest.json").unlink(missing_ok=True)
         (out / "rejects.jsonl").unlink(missing_ok=True)
@@ -325,5 +332,5 @@ def audit(cfg: AuditConfig) -> Path | None:
     write_manifest(out, stage="audit", config=cfg, inputs={"tokenizers": [r["path"] for r in rows[:len(cfg.tokenizers)]],
                                                            "corpus": cfg.corpus},
                    counts={"rows": len(rows), "rejected": rejects.total, "rejected_by_reason": dict(rejects.counts)},
-                   corrupt_files=rejects.corrupt, started=started, files=["audit.csv", "audit.json", "audit.md", "audit.png"])
+                   corrupt_files=rejects.corrupt, rerun=rerun, started=started, files=["audit.csv", "audit.json", "audit.md", "audit.png"])
     return out

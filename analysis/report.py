@@ -19,6 +19,7 @@ from typing import Any
 
 from common.errors import GraftError, input_error
 from common.io import atomic_path, is_complete, read_json, read_manifest, write_manifest
+from common.rerun import guard, listed, overwrite_field
 
 
 @dataclass
@@ -47,6 +48,7 @@ class ReportConfig:
     dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on GPU, float32 on CPU) | float32 | "
                                                         "bfloat16 | float16"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
+    overwrite: bool = overwrite_field()
 
     def __post_init__(self) -> None:  # bad values fail when the workflow is read, not after training
         from workflows.evaluate import check_load_settings
@@ -422,6 +424,11 @@ def write_report(cfg: ReportConfig) -> Path:
         raise GraftError("nothing to report: no stage folder given. Fix: set scores, audit, train, eval, ... in "
                          "the report stage")
     out = Path(cfg.out)
+    skip, rerun = guard(cfg, out, stage="report", inputs={
+        **{k: getattr(cfg, k) or None for k in ("scores", "pick", "tokenizer", "audit", "base", "embed", "train", "eval",
+                                                 "merged")}, **listed("corpus", cfg.corpus)})
+    if skip:
+        return out
     body = Doc()
     summary: list[str] = []
     extra: dict[str, Any] = {}
@@ -453,10 +460,10 @@ def write_report(cfg: ReportConfig) -> Path:
         (tmp / "report.md").write_text(doc.markdown(), encoding="utf-8")
         (tmp / "report.html").write_text(doc.html(cfg.title), encoding="utf-8")
         write_manifest(tmp, stage="report", config=cfg, started=started,
-                       inputs={k: v for k, v in vars(cfg).items() if k not in ("out", "title", "prompts")},
+                       inputs={k: v for k, v in vars(cfg).items() if k not in ("out", "title", "prompts", "overwrite")},
                        counts={"sections": sum(1 for k, _ in doc.blocks if k == "h") - 2,
                                "images": len(list(tmp.glob("*.png")))},
                        images=sorted(p.name for p in tmp.glob("*.png")),
                        summary=summary, report_md=str((out / "report.md").resolve()),
-                       report_html=str((out / "report.html").resolve()), **extra)
+                       report_html=str((out / "report.html").resolve()), rerun=rerun, **extra)
     return out

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import GraftError, input_error
+from common.rerun import guard, listed, overwrite_field
 
 SCORE_COLUMNS = (
     "chars", "size", "vocab_pieces", "merges", "alp", "renyi_efficiency", "tokens", "tokens_per_char",
@@ -49,6 +50,7 @@ class ScoreConfig:
                                                          "--chars value (--no-nested tokenizes every candidate)"})
     field_name: str = field(default="text", metadata={"help": "JSON field / parquet column holding the text"})
     threads: int = field(default=0, metadata={"help": "SentencePiece encoding threads (0: all cores)"})
+    overwrite: bool = overwrite_field()
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
 
@@ -289,6 +291,10 @@ def score_candidates(cfg: ScoreConfig) -> Path:
     started = time.time()
     out = Path(cfg.out)
     candidates = read_candidates(cfg.candidates_dir)
+    skip, rerun = guard(cfg, out, stage="vocab score", in_place=True,
+                        inputs={"candidates": cfg.candidates_dir, "base": cfg.base, **listed("corpus", cfg.corpus)})
+    if skip:
+        return out
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)  # a re-run is not complete until it finishes
     (out / "rejects.jsonl").unlink(missing_ok=True)
@@ -315,7 +321,7 @@ def score_candidates(cfg: ScoreConfig) -> Path:
                 "tokenizations": len({r["chars"] for r in rows if r["method"] == "nested"})
                 + sum(r["method"] == "direct" for r in rows)},
         started=started, pick=pick["pick"], knee=pick["knee"],
-        files=["scores.csv", "scores.json", "alp.png", "report.md"])
+        files=["scores.csv", "scores.json", "alp.png", "report.md"], rerun=rerun)
     return out
 
 

@@ -14,7 +14,10 @@ that only change how a stage runs, such as `progress`, `workers`, `overwrite`) a
 file or folder (`input_fingerprint`): the sha256 of the contents of every file up to 64 MiB, so an edit that
 keeps the size is noticed; larger files (model shards, big corpus files) by size and modification time only,
 so they are not re-read on every run. An edit of a file over 64 MiB that keeps its size and mtime (e.g.
-restored with `touch -r`) is therefore not noticed: use --overwrite after such an edit.
+restored with `touch -r`) is therefore not noticed: use --overwrite after such an edit. A folder that another
+graft stage wrote is fingerprinted by its manifest.json, which that stage rewrites whenever it runs (a prepared
+corpus is not re-read to decide whether a mix is current); checkpoint shards there are guarded by the sha256
+each manifest records (`shard_files`, checked when a stage reads them).
 """
 from __future__ import annotations
 
@@ -40,8 +43,9 @@ def file_fingerprint(path: Path) -> str:
 
 
 def input_fingerprint(path: str | Path | None) -> str | None:
-    """sha256 of a file's contents (size+mtime over 64 MiB); for a folder, of its files' names and fingerprints
-    (hidden files and manifest.json's run-specific content included as any other file). None: no such path."""
+    """sha256 of a file's contents (size+mtime over 64 MiB); for a folder written by a graft stage, of its
+    manifest.json; for any other folder, of its files' names and fingerprints (hidden files left out).
+    None: no such path."""
     if path is None:
         return None
     p = Path(path)
@@ -49,6 +53,8 @@ def input_fingerprint(path: str | Path | None) -> str | None:
         return file_fingerprint(p)
     if not p.is_dir():
         return None
+    if is_complete(p):  # another stage's finished output: its manifest is rewritten whenever that stage runs
+        return "manifest:" + file_sha256(p / MANIFEST)
     h = hashlib.sha256()
     for f in sorted(p.rglob("*")):
         if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts):
@@ -106,3 +112,34 @@ def check_rerun(out: str | Path, record: dict[str, Any], *, stage: str, overwrit
                 ([f"inputs {', '.join(inputs)} (contents)"] if inputs else [])
         what = f"holds a finished {stage} output made with different {' and '.join(parts) or 'settings'}"
     raise GraftError(f"{out}: {what}. Fix: choose another --out, or pass --overwrite to replace it")
+
+
+OVERWRITE_HELP = ("replace --out when it holds an output made with other settings or inputs, or other files "
+                  "(the same settings and inputs: skipped)")
+
+
+def overwrite_field():
+    """The `overwrite` config field every stage shares (`overwrite: bool = overwrite_field()`)."""
+    from dataclasses import field
+
+    return field(default=False, metadata={"help": OVERWRITE_HELP})
+
+
+def guard(cfg: Any, out: str | Path, *, stage: str, inputs: dict[str, str | Path | None], in_place: bool = False,
+          volatile: Iterable[str] = ()) -> tuple[bool, dict[str, Any]]:
+    """`check_rerun` for a stage config with an `overwrite` field: (skip?, the record for the manifest's `rerun`)."""
+    record = rerun_record(cfg, inputs, volatile)
+    return check_rerun(out, record, stage=stage, overwrite=bool(getattr(cfg, "overwrite", False)),
+                       in_place=in_place), record
+
+
+def listed(name: str, paths: Iterable[str | Path]) -> dict[str, str | Path]:
+    """Inputs named `name_0`, `name_1`, ... for a list of paths; a glob counts each file it matches."""
+    import glob
+
+    out: dict[str, str | Path] = {}
+    for p in paths:
+        p = str(p)
+        for m in (sorted(glob.glob(p, recursive=True)) if glob.has_magic(p) else [p]):
+            out[f"{name}_{len(out)}"] = m
+    return out

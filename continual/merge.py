@@ -25,7 +25,7 @@ from common.checkpoint import (CONFIG_FILE, Checkpoint, TensorPlan, copy_side_fi
                                read_shard_header, rewrite_checkpoint, safetensors_dtype, torch_dtype)
 from common.errors import GraftError, input_error
 from common.io import atomic_path, atomic_write_json, read_json, remove_stale_temps, write_manifest
-from common.rerun import check_rerun, rerun_record
+from common.rerun import guard
 from continual.config import MergeConfig
 from continual.fingerprint import base_fingerprint
 from continual.model import torch_dtype as dtype_by_name
@@ -281,8 +281,8 @@ def merge_adapter(cfg: MergeConfig) -> Path:
     cfg.validate()
     started = time.time()
     out, adapter_dir = Path(cfg.out), Path(cfg.adapter)
-    rerun = rerun_record(cfg, {"base": cfg.base, "adapter": adapter_dir})
-    if check_rerun(out, rerun, stage="continual.merge", overwrite=getattr(cfg, "overwrite", False)):
+    skip, rerun = guard(cfg, out, stage="continual.merge", inputs={"base": cfg.base, "adapter": adapter_dir})
+    if skip:
         return out
     out_dtype = None if cfg.dtype == "auto" else dtype_by_name(cfg.dtype)
     acfg, header, info = read_adapter(adapter_dir)

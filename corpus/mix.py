@@ -18,7 +18,7 @@ import numpy as np
 
 from common.errors import GraftError, input_error
 from common.io import atomic_path, write_manifest
-from common.rerun import check_rerun, rerun_record
+from common.rerun import guard, overwrite_field
 from corpus.blocks import MIX_INDICES, MIX_STAGE, PREPARE_STAGE, manifest_bos, read_complete_manifest
 from corpus.registry import DEFAULT_REGISTRY, load_registry
 
@@ -43,8 +43,7 @@ class MixConfig:
     out: str = field(metadata={"help": "output folder"})
     registry: str = field(default=DEFAULT_REGISTRY, metadata={"help": "dataset registry used to resolve names"})
     seed: int = field(default=0, metadata={"help": "seed of the samples and shuffles"})
-    overwrite: bool = field(default=False, metadata={"help": "replace --out when it holds a mix made with other "
-                                                             "settings or sources (the same ones: skipped)"})
+    overwrite: bool = overwrite_field()
 
 
 def parse_spec(spec: str) -> list[tuple[float, str]]:
@@ -145,8 +144,9 @@ def mix(cfg: MixConfig) -> Path:
                  tokens=i["selected"] * block_size)
     out = Path(cfg.out)
     # A source is identified by its manifest (rewritten whenever it is prepared again), not by re-reading its blocks.
-    rerun = rerun_record(cfg, {f"source_{i}": Path(s["path"]) / "manifest.json" for i, s in enumerate(sources)})
-    if check_rerun(out, rerun, stage=MIX_STAGE, overwrite=cfg.overwrite, in_place=True):
+    skip, rerun = guard(cfg, out, stage=MIX_STAGE, in_place=True,
+                        inputs={f"source_{i}": s["path"] for i, s in enumerate(sources)})
+    if skip:
         return out
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / MIX_INDICES) as tmp:

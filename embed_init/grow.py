@@ -17,7 +17,7 @@ from typing import Any
 from common.checkpoint import (CONFIG_FILE, Checkpoint, TensorPlan, copy_side_files, open_checkpoint,
                                rewrite_checkpoint, torch_dtype)
 from common.errors import input_error
-from common.rerun import check_rerun, rerun_record
+from common.rerun import guard
 from common.io import (MANIFEST, atomic_path, atomic_write_json, file_sha256, is_complete, read_manifest,
                        remove_stale_temps, write_manifest)
 from embed_init.config import EmbedInitConfig
@@ -184,9 +184,9 @@ def grow_embeddings(cfg: EmbedInitConfig) -> Path:
     out, model_dir = Path(cfg.out), Path(cfg.model)
     if out.exists() and model_dir.exists() and out.resolve() == model_dir.resolve():
         raise input_error(out, "--out is the --model folder", "write to a new folder")
-    rerun = rerun_record(cfg, {"model": model_dir, "old_tokenizer": cfg.old_tokenizer,
-                               "new_tokenizer": cfg.new_tokenizer})
-    if check_rerun(out, rerun, stage="embed_init", overwrite=cfg.overwrite):
+    skip, rerun = guard(cfg, out, stage="embed_init", inputs={"model": model_dir, "old_tokenizer": cfg.old_tokenizer,
+                                                              "new_tokenizer": cfg.new_tokenizer})
+    if skip:
         return out
     ckpt = open_checkpoint(model_dir)
     old, new = load_pieces(cfg.old_tokenizer), load_pieces(cfg.new_tokenizer)

@@ -26,6 +26,7 @@ from typing import Any
 
 from common.errors import GraftError, input_error
 from common.io import atomic_path, write_manifest
+from common.rerun import overwrite_field
 from common.tokenizer_files import CONTROL, NORMAL, UNKNOWN, USER_DEFINED, load_model_proto, require_bpe, sentencepiece_to_fast
 from vocab.bpe import bpe_segment
 
@@ -53,8 +54,7 @@ class MergeConfig:
                                                          "(Han, Hangul, Cyrillic, or any)"})
     special: list[str] = field(default_factory=list,
                                metadata={"help": "special tokens to add once each, e.g. '<|im_start|>,<|im_end|>'"})
-    overwrite: bool = field(default=False, metadata={"help": "replace --out when it holds an output made with "
-                                                             "other settings or inputs (the same ones: skipped)"})
+    overwrite: bool = overwrite_field()
 
 
 @dataclass
@@ -227,13 +227,13 @@ def merge_into_base(cfg: MergeConfig) -> Path:
     from common.io import atomic_write_json, file_sha256
     from common.scripts import ScriptFilter
 
-    from common.rerun import check_rerun, rerun_record
+    from common.rerun import guard
 
     started = time.time()
     ScriptFilter(cfg.script)  # validate early
     base_path, add_path = Path(cfg.base), Path(cfg.add)
-    rerun = rerun_record(cfg, {"base": base_path, "add": add_path})
-    if check_rerun(cfg.out, rerun, stage="vocab.merge", overwrite=cfg.overwrite):
+    skip, rerun = guard(cfg, cfg.out, stage="vocab.merge", inputs={"base": base_path, "add": add_path})
+    if skip:
         return Path(cfg.out)
     if (base_path.is_file() and base_path.suffix == ".json") or \
             (base_path.is_dir() and not (base_path / "tokenizer.model").exists()):

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from common.errors import GraftError
-from common.io import atomic_path, atomic_write_bytes, is_complete, read_manifest, write_manifest
+from common.io import atomic_path, atomic_write_bytes, write_manifest
+from common.rerun import guard, overwrite_field
 from vocab.grid import parse_chars, parse_sizes
 
 WS = "\u2581"  # SentencePiece's whitespace symbol
@@ -63,6 +64,7 @@ class TrainConfig:
     script: str = field(default="Han", metadata={"help": "target script the corpus must contain (Han, Hangul, Cyrillic, any)"})
     threads: int = field(default=2, metadata={"help": "SentencePiece training threads"})
     max_sentencepiece_length: int = field(default=16, metadata={"help": "longest piece in characters (Mixtral: 16)"})
+    overwrite: bool = overwrite_field()
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
 
@@ -241,9 +243,9 @@ def train_candidates(cfg: TrainConfig) -> Path:
     for c in chars_list:  # fail before reading a 10 GB corpus
         check_size(c, sizes[0])
     files = expand_inputs(cfg.inputs)
-    key = _config_key(cfg, files)
-    if is_complete(out) and read_manifest(out).get("config_key") == key:
-        print(f"vocab train: {out} is already complete for this config; nothing to do")
+    key = _config_key(cfg, files)  # which partial work (.OUT.partial) can be reused
+    skip, rerun = guard(cfg, out, stage="vocab.train", inputs={f"input_{i}": f for i, f in enumerate(files)})
+    if skip:
         return out
 
     partial = out.with_name(f".{out.name}.partial")
@@ -297,7 +299,7 @@ def train_candidates(cfg: TrainConfig) -> Path:
                 candidates.append({"chars": c, "size": n, "path": name})
         if (partial / "rejects.jsonl").exists():
             (partial / "rejects.jsonl").replace(tmp / "rejects.jsonl")
-        write_manifest(tmp, stage="vocab.train", config=cfg, started=started, config_key=key,
+        write_manifest(tmp, stage="vocab.train", config=cfg, started=started, config_key=key, rerun=rerun,
                        inputs={"files": [str(f) for f in files]},
                        counts={"docs_read": sample.seen_docs, "lines_seen": sample.seen_lines,
                                "lines_sampled": len(sample.lines), "lines_too_long": sample.too_long,

@@ -25,6 +25,7 @@ from typing import Any
 
 from common.errors import GraftError, input_error
 from common.io import atomic_path, atomic_write_json, write_manifest
+from common.rerun import guard, listed, overwrite_field
 
 LOADS = ("auto", "full", "nf4")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -264,6 +265,7 @@ class EvalConfig:
                                                         "bfloat16 | float16; the compute dtype under nf4"})
     device_map: str = field(default="", metadata={"help": "transformers device_map ('' = auto on GPUs, none on "
                                                          "CPU)"})
+    overwrite: bool = overwrite_field()
 
     def __post_init__(self) -> None:  # bad values fail when the workflow is read, not after training
         from common.validate import check_ranges
@@ -278,6 +280,10 @@ def evaluate_models(cfg: EvalConfig) -> Path:
 
     if len(cfg.models) != len(cfg.labels):
         raise GraftError(f"{len(cfg.models)} models but {len(cfg.labels)} labels. Fix: give one label per model")
+    skip, rerun = guard(cfg, cfg.out, stage="eval.bpb", volatile=("device_map",),
+                        inputs={"corpus": cfg.corpus or None, **listed("model", cfg.models), **listed("dev", cfg.dev)})
+    if skip:
+        return Path(cfg.out)
     for folder in cfg.models:
         if not (Path(folder) / "config.json").is_file():
             raise input_error(folder, "has no config.json (not a HF checkpoint)", "point models at checkpoint folders")
@@ -313,7 +319,7 @@ def evaluate_models(cfg: EvalConfig) -> Path:
                        inputs={"models": cfg.models, "dev": cfg.dev, "corpus": cfg.corpus},
                        counts={f"{lab}/{name}_bpb": round(results[lab][name]["bpb"], 4)
                                for lab in cfg.labels for name in dev},
-                       results=results, bos=bos_setting)
+                       results=results, bos=bos_setting, rerun=rerun)
     return out
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.io import atomic_path, write_manifest
+from common.rerun import guard, overwrite_field
 
 
 @dataclass
@@ -22,6 +23,7 @@ class PickStageConfig:
     out: str = field(metadata={"help": "output folder: the chosen .model + manifest.json (key 'pick')"})
     size: int = field(default=0, metadata={"help": "take this size instead of the knee (0 = knee)"})
     chars: int = field(default=0, metadata={"help": "only this chars curve (0 = all)"})
+    overwrite: bool = overwrite_field()
 
 
 def pick_stage(cfg: PickStageConfig) -> Path:
@@ -29,6 +31,9 @@ def pick_stage(cfg: PickStageConfig) -> Path:
     from analysis.pick import read_scores
 
     started = time.time()
+    skip, rerun = guard(cfg, cfg.out, stage="vocab.pick", inputs={"scores": cfg.scores})
+    if skip:
+        return Path(cfg.out)
     scores, _ = read_scores(cfg.scores)
     result = choose(scores["rows"], size=cfg.size or None, chars=cfg.chars or None)
     pick = dict(result["pick"])
@@ -45,5 +50,5 @@ def pick_stage(cfg: PickStageConfig) -> Path:
               f"{result['knee']['size']}) -> {pick['path']}")
         write_manifest(tmp, stage="vocab.pick", config=cfg, started=started, inputs={"scores": cfg.scores},
                        counts={"chars": pick["chars"], "size": pick["size"], "alp": pick.get("alp")},
-                       pick=pick, knee=result["knee"])
+                       pick=pick, knee=result["knee"], rerun=rerun)
     return out
