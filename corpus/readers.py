@@ -162,26 +162,22 @@ def _chunks(path: Path) -> Iterator[bytes]:
         raise input_error(path, f"cannot open ({e.strerror})", "check that the file is readable") from None
     codec = _decompressor(path.name.lower())
     offset = 0  # compressed bytes consumed so far
+
+    def read() -> bytes:
+        try:
+            return fh.read(_CHUNK)
+        except OSError as e:
+            raise _Broken(f"read error ({e.strerror or e})", offset) from None
+
     with fh:
         if codec is None:
-            while True:
-                try:
-                    block = fh.read(_CHUNK)
-                except OSError as e:
-                    raise _Broken(f"read error ({e.strerror or e})", offset) from None
-                if not block:
-                    return
+            while block := read():
                 offset += len(block)
                 yield block
+            return
         new, errors, kind = codec
         d, fed = new(), False
-        while True:
-            try:
-                block = fh.read(_CHUNK)
-            except OSError as e:
-                raise _Broken(f"read error ({e.strerror or e})", offset) from None
-            if not block:
-                break
+        while block := read():
             while block:
                 try:
                     out = d.decompress(block)

@@ -29,18 +29,23 @@ def _merge(base, adapter, out, **kw):
     return merge_adapter(MergeConfig(base=str(base), adapter=str(adapter), out=str(out), **kw))
 
 
+def _refused(base, adapter, out, **kw) -> str:
+    """The error of a merge that must be refused; nothing may be left at `out`."""
+    with pytest.raises(GraftError) as e:
+        _merge(base, adapter, out, **kw)
+    assert not Path(out).exists()
+    return str(e.value)
+
+
 @pytest.mark.fault("plain peft adapter, other base", "error")
 def test_plain_adapter_trained_on_another_base_of_the_same_shapes_is_refused(tmp_path, tiny_model, adapter):
     from common.tiny import save_tiny_mixtral
 
     other = save_tiny_mixtral(tmp_path / "other", seed=1, hidden=16, intermediate=32, max_shard_size="600KB")
-    with pytest.raises(GraftError) as e:
-        _merge(other, adapter, tmp_path / "m")
-    assert str(e.value) == (
+    assert _refused(other, adapter, tmp_path / "m") == (
         f"{adapter / 'adapter_config.json'}: base_model_name_or_path is {tiny_model}, whose weights differ from "
         f"--base {other}: the adapter was trained on another base. Fix: pass --base {tiny_model}, or "
         "--allow-other-base if you know the weights are equivalent")
-    assert not (tmp_path / "m").exists()
 
 
 @pytest.mark.fault("plain peft adapter, other base", "warned")
@@ -69,9 +74,7 @@ def test_plain_adapter_whose_tokenizer_outgrows_the_base_vocabulary_is_refused(t
     p = proto.pieces.add()
     p.piece, p.score, p.type = "新词", -1e9, 1
     (grown / "tokenizer.model").write_bytes(proto.SerializeToString())
-    with pytest.raises(GraftError) as e:
-        _merge(tiny_model, grown, tmp_path / "m")
-    assert str(e.value) == (f"{grown / 'tokenizer.model'}: the adapter's tokenizer has 32001 pieces but the base "
+    assert _refused(tiny_model, grown, tmp_path / "m") == (f"{grown / 'tokenizer.model'}: the adapter's tokenizer has 32001 pieces but the base "
                             f"{tiny_model} has a vocabulary of 32000 rows: it was trained for a grown vocabulary. "
                             + FIX_BASE)
 
@@ -85,13 +88,10 @@ def test_flipped_bytes_in_a_shard_a_stage_wrote_are_noticed(tmp_path, tiny_model
     assert recorded[shard.name] == {"bytes": shard.stat().st_size, "sha256": file_sha256(shard)}
     good = recorded[shard.name]["sha256"]
     flip_byte(shard)
-    with pytest.raises(GraftError) as e:
-        _merge(merged, adapter, tmp_path / "again", allow_other_base=True)
-    assert str(e.value) == (
+    assert _refused(merged, adapter, tmp_path / "again", allow_other_base=True) == (
         f"{shard}: corrupt shard: it has sha256 {file_sha256(shard)[:16]}... but {merged / 'manifest.json'} "
         f"(shard_files) records {good[:16]}...: its bytes changed after it was written (a disk or copy error, or an "
         "edit). Fix: restore or re-download the shard, or re-run the stage that wrote the checkpoint")
-    assert not (tmp_path / "again").exists()
 
 
 @pytest.mark.fault("shard with flipped bytes", "error")
@@ -109,6 +109,7 @@ def test_flipped_bytes_in_a_hugging_face_cache_blob_are_noticed(tmp_path, tiny_m
     with pytest.raises(GraftError, match=r"model-00003-of-00003.safetensors: corrupt shard: it has sha256 [0-9a-f]{16}"
                                          r"\.\.\. but the Hugging Face cache blob name [0-9a-f]{64} records "):
         _merge(snap, adapter, tmp_path / "m", allow_other_base=True)
+    assert not (tmp_path / "m").exists()
 
 
 @pytest.mark.fault("corrupt model config", "error")
@@ -116,11 +117,8 @@ def test_corrupt_model_config(tmp_path, tiny_model, adapter):
     bad = tmp_path / "c1"
     shutil.copytree(tiny_model, bad)
     (bad / "config.json").write_text("{oops")
-    with pytest.raises(GraftError) as e:
-        _merge(bad, adapter, tmp_path / "m")
-    assert str(e.value) == (f"{bad / 'config.json'}:1: not valid JSON (Expecting property name enclosed in double "
+    assert _refused(bad, adapter, tmp_path / "m") == (f"{bad / 'config.json'}:1: not valid JSON (Expecting property name enclosed in double "
                             "quotes). Fix: re-run the stage that wrote it")
-    assert not (tmp_path / "m").exists()
 
 
 @pytest.mark.fault("truncated safetensors shard", "error")
@@ -130,12 +128,9 @@ def test_truncated_shard(tmp_path, tiny_model, adapter):
     shard = cut / "model-00002-of-00003.safetensors"
     size = shard.stat().st_size
     shard.write_bytes(shard.read_bytes()[:-100])
-    with pytest.raises(GraftError) as e:
-        _merge(cut, adapter, tmp_path / "m")
-    assert str(e.value) == (f"{shard}: corrupt shard: the header describes {size} bytes but the file has "
+    assert _refused(cut, adapter, tmp_path / "m") == (f"{shard}: corrupt shard: the header describes {size} bytes but the file has "
                             f"{size - 100} (truncated or partly written). Fix: re-download or re-create this shard "
                             "(compare its size with the source)")
-    assert not (tmp_path / "m").exists()
 
 
 @pytest.mark.fault("missing shard", "error")
@@ -179,28 +174,14 @@ def test_merge_killed_mid_write_leaves_nothing_that_looks_complete_and_reruns_eq
     assert tree_bytes(out) == tree_bytes(ref)
 
 
-_KILL_PREPARE = """
-import json, os, signal, sys
-import corpus.pack as pack
-orig, n = pack.BlockWriter.write, {"calls": 0}
-def write(self, blocks):
-    if "00001-" in str(self.folder) and len(blocks):
-        n["calls"] += 1
-        if n["calls"] == 2:  # mid-way through the second file: die like `kill -9`
-            os.kill(os.getpid(), signal.SIGKILL)
-    return orig(self, blocks)
-pack.BlockWriter.write = write
-from corpus.prepare import PrepareConfig, prepare
-prepare(PrepareConfig(**json.loads(sys.argv[1])))
-"""
-
-
 @pytest.mark.fault("kill -9 mid-stage", "resumed")
 def test_prepare_killed_mid_file_resumes_to_the_uninterrupted_output(tmp_path, news_lines, base_model_path):
     files = [str(jsonl(tmp_path / f"{c}.jsonl", news_lines[i * 300:(i + 1) * 300])) for i, c in enumerate("ab")]
     args = dict(name="t", tokenizer=str(base_model_path), files=files, out=str(tmp_path / "p"), block_size=64,
                 batch_chars=3000, progress=False)
-    proc = subprocess.run([sys.executable, "-c", _KILL_PREPARE, json.dumps(args)], cwd=ROOT, capture_output=True,
+    from test_corpus import _KILLER  # the SIGKILL script of tests/test_corpus.py (third block of the second file)
+
+    proc = subprocess.run([sys.executable, "-c", _KILLER, json.dumps(args)], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr
     assert [p.name for p in (tmp_path / "p" / "completions").iterdir()] == ["00000-a.jsonl"]
