@@ -124,9 +124,9 @@ def expand_inputs(patterns: Iterable[str | Path]) -> list[Path]:
 class CorruptFileError(GraftError):
     """A truncated or corrupt input file, with what was read before the break and where it broke."""
 
-    def __init__(self, message: str, detail: dict):
+    def __init__(self, message: str, detail: dict | None = None):  # default: unpickled in a worker's parent
         super().__init__(message)
-        self.detail = detail
+        self.detail = detail or {}
 
 
 class _Broken(Exception):

@@ -46,11 +46,21 @@ def _prep(tmp_path, files, base_model_path, **kw):
 
 @pytest.mark.fault("truncated zstd input", "error")
 def test_truncated_zstd_stops_prepare_naming_records_and_offset(tmp_path, texts, base_model_path):
+    _truncated_zstd_stops(tmp_path, texts, base_model_path, workers=1)
+
+
+@pytest.mark.fault("truncated zstd input", "error")
+def test_truncated_zstd_in_a_worker_process_gives_the_same_error(tmp_path, texts, base_model_path):
+    """The error crosses the process boundary whole (it is pickled back from a spawned worker)."""
+    _truncated_zstd_stops(tmp_path, texts, base_model_path, workers=2)
+
+
+def _truncated_zstd_stops(tmp_path, texts, base_model_path, workers: int):
     good = jsonl(tmp_path / "a.jsonl", texts[:20])
     bad = _zst_cut(tmp_path / "b.jsonl.zst", texts)
     size = bad.stat().st_size
     with pytest.raises(GraftError) as e:
-        prepare(_prep(tmp_path, [good, bad], base_model_path))
+        prepare(_prep(tmp_path, [good, bad], base_model_path, workers=workers))
     assert str(e.value) == (
         f"1 of 2 files failed (00001-b.jsonl.zst: {bad}: zstd stream ends before its end marker (truncated) at byte "
         f"{size:,} of {size:,}; 100 records read before the break (lines 1-100). {FIX}). The other files are done; "
