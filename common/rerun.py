@@ -75,13 +75,21 @@ def rerun_record(config: Any, inputs: dict[str, str | Path | None], volatile: It
             "inputs": {k: input_fingerprint(v) for k, v in sorted(inputs.items())}}
 
 
+def has_content(out: Path) -> bool:
+    """`out` exists and is a file, or a folder with something in it besides hidden temporaries (`.x.tmp-PID`,
+    written by a concurrent task of the same run)."""
+    if not out.exists():
+        return False
+    return not out.is_dir() or any(not p.name.startswith(".") for p in out.iterdir())
+
+
 def check_rerun(out: str | Path, record: dict[str, Any], *, stage: str, overwrite: bool,
                 in_place: bool = False) -> bool:
     """Apply the re-run rule (module docstring) to `out`. True: already complete with the same settings and
     inputs, skip the stage. False: run it (with `overwrite`, an existing folder is replaced; `in_place`
     stages get it removed here). Raises GraftError when the folder may not be replaced."""
     out = Path(out)
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+    if not has_content(out):
         return False
     complete = is_complete(out)
     old = read_json(out / MANIFEST) if complete else {}

@@ -19,7 +19,7 @@ import numpy as np
 from common.errors import GraftError
 from common.io import atomic_path, atomic_write_json, is_complete, read_json, read_manifest, write_manifest
 from corpus.blocks import COMPLETIONS_DIR, PREPARE_STAGE, SHARDS_DIR, SPLITS, TAIL_DIR
-from common.rerun import check_rerun, file_fingerprint
+from common.rerun import check_rerun, file_fingerprint, has_content
 from corpus.readers import DEFAULT_MAX_DOC_BYTES, FORMATS, ON_CORRUPT_HELP, check_on_corrupt, expand_inputs
 from corpus.registry import DEFAULT_REGISTRY, DEFAULT_SPLIT, get_dataset, parse_split, set_encoded
 from corpus.shard import REJECTS_FILE, STATS_FILE, ShardJob, process_shard, remember_tokenizer, sum_counts
@@ -166,7 +166,7 @@ def _check_plan(out: Path, plan: dict, overwrite: bool) -> None:
                 diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
                 raise GraftError(f"{out} was prepared with different settings or inputs ({', '.join(diff)} changed). "
                                  "Fix: use a new --out folder, or pass --overwrite to start this one over")
-    elif out.exists() and any(out.iterdir()):
+    elif has_content(out):  # not a prepare folder (another task's temporary plan.json does not count)
         check_rerun(out, {}, stage=PREPARE_STAGE, overwrite=overwrite, in_place=True)
     if not path.is_file():
         out.mkdir(parents=True, exist_ok=True)
