@@ -39,6 +39,11 @@ class StageKind:
     # do the work: `graft run --executor slurm` then runs the stage as a job array.
     array: bool = False
 
+    def __post_init__(self) -> None:
+        # `overwrite` (the stage re-run rule, common/rerun.py) never changes what a stage writes.
+        if "overwrite" not in self.volatile:
+            object.__setattr__(self, "volatile", (*self.volatile, "overwrite"))
+
     def config_class(self) -> type:
         return _import(self.config, f"stage kind {self.name!r}")
 
