@@ -413,7 +413,8 @@ def rewrite_checkpoint(src: Checkpoint, out_dir: str | Path, plan: Mapping[str, 
     `common.io.atomic_path` so an interrupted run leaves nothing that looks complete.
     Source shards with a known sha256 (shard_references) are checked first.
     Returns {"linked": [...], "copied": [...], "rewritten": [...], "new": [...], "dropped": [...],
-    "total_size": N, "weight_map": {...}, "shard_files": {shard: {"bytes", "sha256"}}, "verified_source_shards": [...]}.
+    "total_size": N, "weight_map": {...}, "shard_files": {shard: {"bytes", "sha256"}} (written),
+    "source_shards": {shard: {"bytes"[, "sha256" when checked]}} (read)}.
     """
     from tqdm import tqdm
 
@@ -481,7 +482,9 @@ def rewrite_checkpoint(src: Checkpoint, out_dir: str | Path, plan: Mapping[str, 
     # Sizes and sha256 of what was written, for the manifest (a later stage reading this folder checks them).
     files = {shard: verified[shard] if shard in verified and shard not in shard_entries else shard_digest(out / shard)
              for shard in order}
-    report.update(total_size=total, weight_map=weight_map, shard_files=files, verified_source_shards=sorted(verified))
+    # What was read: each source shard's size, and its sha256 where it was checked against a record.
+    read = {shard: verified.get(shard) or {"bytes": (src.dir / shard).stat().st_size} for shard in src.headers}
+    report.update(total_size=total, weight_map=weight_map, shard_files=files, source_shards=read)
     return report
 
 

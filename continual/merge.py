@@ -317,5 +317,5 @@ def merge_adapter(cfg: MergeConfig) -> Path:
                              "use_rslora": bool(acfg.get("use_rslora"))},
                        merged_onto="the base's full-precision weights (not the NF4 weights seen in training)",
                        tokenizer_files=tok_files, base_check=base_check, rerun=rerun,
-                       shard_files=report["shard_files"], verified_source_shards=report["verified_source_shards"])
+                       shard_files=report["shard_files"], source_shards=report["source_shards"])
     return out

@@ -255,7 +255,7 @@ def grow_embeddings(cfg: EmbedInitConfig) -> Path:
                     "shards_dropped": len(report["dropped"]), "total_size": report["total_size"]},
             method=cfg.method, tied=tied, tensors=stats, tokenizer_files=tok_files, rerun=rerun,
             shards={k: report[k] for k in ("linked", "copied", "rewritten", "new", "dropped")},
-            shard_files=report["shard_files"], verified_source_shards=report["verified_source_shards"],
+            shard_files=report["shard_files"], source_shards=report["source_shards"],
             # How many old pieces each new id's surface splits into (the `mean` row averages them);
             # 0 = special token or no usable piece: mean of all old rows.
             new_ids={"first": n_old, "pieces_per_new_id": [len(ids) for ids in sources],

@@ -82,7 +82,10 @@ def test_plain_adapter_whose_tokenizer_outgrows_the_base_vocabulary_is_refused(t
 @pytest.mark.fault("shard with flipped bytes", "error")
 def test_flipped_bytes_in_a_shard_a_stage_wrote_are_noticed(tmp_path, tiny_model, adapter):
     merged = _merge(tiny_model, adapter, tmp_path / "merged")
-    recorded = json.loads((merged / "manifest.json").read_text())["shard_files"]
+    manifest = json.loads((merged / "manifest.json").read_text())
+    recorded = manifest["shard_files"]
+    # what was read: sizes (the tiny base has no record to check sha256 against)
+    assert manifest["source_shards"] == {p.name: {"bytes": p.stat().st_size} for p in tiny_model.glob("*.safetensors")}
     assert set(recorded) == {p.name for p in merged.glob("*.safetensors")}
     shard = merged / "model-00001-of-00003.safetensors"
     assert recorded[shard.name] == {"bytes": shard.stat().st_size, "sha256": file_sha256(shard)}
