@@ -111,7 +111,7 @@ def wheel(build: bool = True, jobs: int = 2) -> Path | None:
         return None
     tar_path = sdist(download=True)
     print(f"building {PACKAGE} {VERSION} (llama.cpp {REVISION}) with CMAKE_ARGS='{CMAKE_ARGS}', {jobs} jobs; "
-          f"this takes minutes (8.6 min at 2 jobs on a busy 2-core machine). Log: {wheels / 'build.log'}",
+          f"this takes minutes (7-9 min at 2 jobs on a busy 2-core machine). Log: {wheels / 'build.log'}",
           file=sys.stderr, flush=True)
     wheels.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "CMAKE_ARGS": CMAKE_ARGS, "CMAKE_BUILD_PARALLEL_LEVEL": str(jobs)}
