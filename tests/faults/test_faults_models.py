@@ -197,3 +197,30 @@ def test_prepare_killed_mid_file_resumes_to_the_uninterrupted_output(tmp_path, n
     assert tree_bytes(tmp_path / "p", skip) == tree_bytes(tmp_path / "ref", skip)
     m, ref = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("p", "ref"))
     assert m["counts"] == ref["counts"] and m["rejects"] == ref["rejects"] == {}
+
+
+@pytest.mark.fault("shard with flipped bytes", "error")
+def test_embed_init_refuses_to_link_a_shard_with_flipped_bytes(tmp_path, tiny_model, base_model_path, news_lines):
+    """The issue's case: a base whose manifest records its shards (as the demo.base stage writes it)."""
+    from common.checkpoint import shard_digest
+    from common.io import write_manifest
+    from embed_init.config import EmbedInitConfig
+    from embed_init.grow import grow_embeddings
+    from faultkit import candidate_model
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    write_manifest(base, stage="demo.base", config={},
+                   shard_files={p.name: shard_digest(p) for p in sorted(base.glob("*.safetensors"))})
+    shard = base / "model-00003-of-00003.safetensors"  # holds neither embedding: it would be hard-linked
+    good = file_sha256(shard)
+    flip_byte(shard)
+    new_tok = candidate_model(base_model_path, tmp_path / "new.model", news_lines)
+    with pytest.raises(GraftError) as e:
+        grow_embeddings(EmbedInitConfig(model=str(base), old_tokenizer=str(base_model_path),
+                                        new_tokenizer=str(new_tok), out=str(tmp_path / "grown"), progress=False))
+    assert str(e.value) == (
+        f"{shard}: corrupt shard: it has sha256 {file_sha256(shard)[:16]}... but {base / 'manifest.json'} "
+        f"(shard_files) records {good[:16]}...: its bytes changed after it was written (a disk or copy error, or an "
+        "edit). Fix: restore or re-download the shard, or re-run the stage that wrote the checkpoint")
+    assert not (tmp_path / "grown").exists()
