@@ -6,6 +6,9 @@ A stage that finds its output folder already there calls `check_rerun` before do
   inputs**: nothing to do, the stage prints "already complete" and returns it (`check_rerun` -> True);
 - it was made with **different** settings or inputs, or it is a folder that is not a finished output of
   this stage: the stage refuses, naming what differs and the fix (another --out, or --overwrite);
+- the stage's own unfinished run: stages that write atomically leave only temporaries (removed by the next
+  run); stages that write in place (score, audit, mix) mark the folder with `.graft-stage`, so the same
+  command runs again without --overwrite; corpus prepare resumes from its plan.json;
 - with `--overwrite` the stage runs and replaces the folder; the old one stays whole until the new one
   is complete (outputs are renamed into place), or, for stages that write in place, it is removed first.
 
@@ -83,6 +86,16 @@ def has_content(out: Path) -> bool:
     return not out.is_dir() or any(not p.name.startswith(".") for p in out.iterdir())
 
 
+STAGE_MARKER = ".graft-stage"  # written by stages that write in place, so their own unfinished run is recognised
+
+
+def _marker(out: Path) -> str | None:
+    try:
+        return (out / STAGE_MARKER).read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+
+
 def check_rerun(out: str | Path, record: dict[str, Any], *, stage: str, overwrite: bool,
                 in_place: bool = False) -> bool:
     """Apply the re-run rule (module docstring) to `out`. True: already complete with the same settings and
@@ -92,6 +105,9 @@ def check_rerun(out: str | Path, record: dict[str, Any], *, stage: str, overwrit
     if not has_content(out):
         return False
     complete = is_complete(out)
+    if in_place and not complete and _marker(out) == stage and not overwrite:
+        print(f"{out}: an unfinished {stage} run wrote here; running it again in place")
+        return False
     old = read_json(out / MANIFEST) if complete else {}
     same_stage = old.get("stage") == stage
     old_record = old.get("rerun")
@@ -137,8 +153,11 @@ def guard(cfg: Any, out: str | Path, *, stage: str, inputs: dict[str, str | Path
           volatile: Iterable[str] = ()) -> tuple[bool, dict[str, Any]]:
     """`check_rerun` for a stage config with an `overwrite` field: (skip?, the record for the manifest's `rerun`)."""
     record = rerun_record(cfg, inputs, volatile)
-    return check_rerun(out, record, stage=stage, overwrite=bool(getattr(cfg, "overwrite", False)),
-                       in_place=in_place), record
+    skip = check_rerun(out, record, stage=stage, overwrite=bool(getattr(cfg, "overwrite", False)), in_place=in_place)
+    if in_place and not skip:  # mark the folder as this stage's, so an interrupted run can be re-run plainly
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / STAGE_MARKER).write_text(stage + "\n", encoding="utf-8")
+    return skip, record
 
 
 def listed(name: str, paths: Iterable[str | Path]) -> dict[str, str | Path]:

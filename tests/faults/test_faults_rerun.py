@@ -92,3 +92,34 @@ def test_adapter_merge_follows_the_same_rule(tmp_path, tiny_model, capsys):
     assert str(e.value) == (f"{out}: holds a finished continual.merge output made with different settings dtype. "
                             "Fix: choose another --out, or pass --overwrite to replace it")
     assert (out / "manifest.json").read_bytes() == before
+
+
+@pytest.mark.fault("re-run onto a finished output", "resumed")
+def test_an_interrupted_in_place_stage_runs_again_plainly_but_a_foreign_folder_is_refused(tmp_path, base_model_path,
+                                                                                         news_lines, monkeypatch):
+    """Stages that write in place (audit, score, mix) recognise their own unfinished folder."""
+    import analysis.audit as audit_mod
+
+    corpus = jsonl(tmp_path / "zh.jsonl", news_lines[:30])
+    cfg = audit_mod.AuditConfig(tokenizers=[str(base_model_path)], corpus=[str(corpus)], out=str(tmp_path / "a"),
+                                progress=False)
+    import analysis.plots
+
+    # interrupted after the tables, before the chart and the manifest
+    monkeypatch.setattr(analysis.plots, "bar_chart", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        audit_mod.audit(cfg)
+    assert (tmp_path / "a" / "audit.csv").exists() and not (tmp_path / "a" / "manifest.json").exists()
+    monkeypatch.undo()
+    audit_mod.audit(cfg)  # the same command again: runs, no --overwrite needed
+    assert json.loads((tmp_path / "a" / "manifest.json").read_text())["status"] == "done"
+    foreign = tmp_path / "f"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(GraftError) as e:
+        audit_mod.audit(audit_mod.AuditConfig(tokenizers=[str(base_model_path)], corpus=[str(corpus)],
+                                              out=str(foreign), progress=False))
+    assert str(e.value) == (f"{foreign}: is a folder that is not a finished output (no finished manifest.json: "
+                            "another program's files, or a run stopped before the end). Fix: choose another --out, "
+                            "or pass --overwrite to replace it")
+    assert (foreign / "notes.txt").read_text() == "mine"
