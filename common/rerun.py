@@ -170,3 +170,30 @@ def listed(name: str, paths: Iterable[str | Path]) -> dict[str, str | Path]:
         for m in (sorted(glob.glob(p, recursive=True)) if glob.has_magic(p) else [p]):
             out[f"{name}_{len(out)}"] = m
     return out
+
+
+def check_finished_settings(out: str | Path, config: Any, *, stage: str, volatile: Iterable[str] = ()) -> None:
+    """For a stage that does not record `rerun` (graft train): refuse a finished output of `stage` whose
+    recorded config differs from `config` (settings only; its inputs are not fingerprinted). With
+    `config.overwrite` the old output is removed and the stage runs afresh."""
+    out = Path(out)
+    if not is_complete(out):
+        return
+    old = read_json(out / MANIFEST)
+    if old.get("stage") != stage:
+        return
+    was, now = settings_of(old.get("config", {}), volatile), settings_of(config, volatile)
+    keys = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+    if not keys:
+        return
+    if getattr(config, "overwrite", False):
+        import os
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise GraftError(f"{out}: --overwrite cannot replace a finished {stage} run from a multi-process launch. "
+                             "Fix: delete the folder first, or choose another out")
+        print(f"{out}: holds a finished {stage} run with other settings ({', '.join(keys)}); replacing it (--overwrite)")
+        shutil.rmtree(out)
+        return
+    raise GraftError(f"{out}: holds a finished {stage} run made with different settings {', '.join(keys)}. "
+                     "Fix: choose another out, or delete that folder to train again")

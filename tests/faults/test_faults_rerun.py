@@ -123,3 +123,22 @@ def test_an_interrupted_in_place_stage_runs_again_plainly_but_a_foreign_folder_i
                             "another program's files, or a run stopped before the end). Fix: choose another --out, "
                             "or pass --overwrite to replace it")
     assert (foreign / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.fault("re-run onto a finished output", "error")
+def test_train_onto_a_finished_run_with_other_settings_is_refused(tmp_path, capsys):
+    from common.io import write_manifest
+    from continual.config import TrainConfig
+
+    out = tmp_path / "run"
+    done = TrainConfig(model=str(tmp_path / "m"), train_data=str(tmp_path / "d"), out=str(out), learning_rate=1e-3)
+    write_manifest(out, stage="continual.train", config=done)
+    toml = tmp_path / "train.toml"
+    toml.write_text(f'model = "{tmp_path / "m"}"\ntrain_data = "{tmp_path / "d"}"\nout = "{out}"\n'
+                    "learning_rate = 2e-3\neval_every = 7\n")  # eval_every only changes how it runs
+    import workflows.cli
+
+    assert workflows.cli.main(["train", "--config", str(toml)]) == 2
+    assert capsys.readouterr().err == (f"graft: error: {out}: holds a finished continual.train run made with "
+                                       "different settings learning_rate. Fix: choose another out, or delete that "
+                                       "folder to train again\n")
