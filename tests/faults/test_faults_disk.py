@@ -110,3 +110,18 @@ def test_workflow_stage_on_a_full_disk_names_the_stage_and_its_output(tmp_path, 
     assert not out.exists()
     (out.parent / "space").write_text("")
     assert _graft(["run", str(wf)], capsys)[0] == 0 and (out / "manifest.json").is_file()
+
+
+@pytest.mark.fault("full disk (ENOSPC)", "error")
+def test_embed_init_on_a_full_disk_leaves_nothing(small_fs, tmp_path, tiny_model, base_model_path, news_lines, capsys):
+    mnt, _ = small_fs
+    new_tok = candidate_model(base_model_path, tmp_path / "new.model", news_lines)
+    out = mnt / "grown"
+    rc, err = _graft(["embed", "init", "--model", str(tiny_model), "--old-tokenizer", str(base_model_path),
+                      "--new-tokenizer", str(new_tok), "--out", str(out), "--no-progress"], capsys)
+    assert rc == 2
+    assert re.fullmatch(re.escape(f"graft: error: graft embed init: No space left on device (ENOSPC) while writing "
+                                  f"{out}") + r"( \(file [^)]+\))?" + re.escape(
+        f". Nothing was left in {out} (the partial output was written under a temporary name, now removed). "
+        f"{_fix(out, mnt)}") + "\n", err), err
+    assert list(mnt.iterdir()) == []

@@ -161,3 +161,22 @@ def test_corrupt_parquet_row_group_skip_keeps_the_groups_before_it(tmp_path, tex
     [c] = m["corrupt_files"]
     assert (c["records_read"], c["first_unread_row"], c["row_group"], c["byte_offset"]) == (60, 61, 1, offset)
     assert c["problem"].startswith("row group 1 of 3 does not read (")
+
+
+@pytest.mark.fault("truncated gzip input", "counted")
+def test_audit_skips_a_truncated_gzip_and_records_it(tmp_path, texts, base_model_path):
+    from analysis.audit import AuditConfig, audit
+
+    first, second = _gz_members(texts)
+    bad = tmp_path / "g.jsonl.gz"
+    bad.write_bytes(first + second[:10])
+    with pytest.raises(GraftError, match=re.escape(f"{bad}: gzip stream ends before its end marker (truncated)")):
+        audit(AuditConfig(tokenizers=[str(base_model_path)], corpus=[str(bad)], out=str(tmp_path / "a"),
+                          progress=False))
+    out = audit(AuditConfig(tokenizers=[str(base_model_path)], corpus=[str(bad)], out=str(tmp_path / "a"),
+                            progress=False, on_corrupt="skip"))
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["counts"]["rejected_by_reason"] == {"corrupt_file": 1}
+    assert [(c["records_read"], c["first_unread_line"]) for c in m["corrupt_files"]] == [(100, 101)]
+    rows = json.loads((out / "audit.json").read_text())
+    assert [r["chars"] for r in rows] == [sum(len(t) for t in texts[:100])]
