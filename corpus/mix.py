@@ -45,6 +45,9 @@ class MixConfig:
     seed: int = field(default=0, metadata={"help": "seed of the samples and shuffles"})
     overwrite: bool = overwrite_field()
 
+    def __post_init__(self) -> None:  # weights fail when the config is built (CLI or workflow file)
+        parse_spec(self.spec)
+
 
 def parse_spec(spec: str) -> list[tuple[float, str]]:
     """'1:A, 0.1:B' -> [(1.0, 'A'), (0.1, 'B')]. Weights must be finite and > 0; names unique."""

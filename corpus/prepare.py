@@ -77,6 +77,8 @@ class PrepareConfig:
 
         check_ranges(self, {"block_size": ">=1", "workers": ">=1", "threads": ">=0", "num_shards": ">=1",
                             "shard_index": ">=0", "batch_chars": ">=1", "max_doc_bytes": ">=1", "pad_id": ">=0"})
+        if self.split is not None:
+            parse_split(self.split)
 
 @dataclass
 class _Resolved:
