@@ -125,3 +125,39 @@ def test_embed_init_on_a_full_disk_leaves_nothing(small_fs, tmp_path, tiny_model
         f". Nothing was left in {out} (the partial output was written under a temporary name, now removed). "
         f"{_fix(out, mnt)}") + "\n", err), err
     assert list(mnt.iterdir()) == []
+
+
+@pytest.mark.fault("other I/O errors (EIO, EROFS)", "error")
+def test_an_io_error_while_writing_is_one_clear_error(tmp_path, base_model_path, news_lines, capsys, monkeypatch):
+    import common.io
+
+    cand = candidate_model(base_model_path, tmp_path / "cand.model", news_lines)
+    out = tmp_path / "tok"
+
+    def failing_disk(path, obj):
+        raise OSError(5, "Input/output error", str(path))
+
+    monkeypatch.setattr(common.io, "atomic_write_json", failing_disk)
+    rc, err = _graft(["vocab", "merge", "--base", str(base_model_path), "--add", str(cand), "--out", str(out)], capsys)
+    assert rc == 2
+    tmp = next(iter(re.findall(r"\(file ([^)]+)\)", err)), "")
+    assert err == (f"graft: error: graft vocab merge: Input/output error (EIO) while writing {out} (file {tmp}). "
+                   f"Nothing was left in {out} (the partial output was written under a temporary name, now removed). "
+                   "Fix: check the disk or filesystem (dmesg, df -h), then re-run the same command\n")
+    assert tmp.startswith(str(tmp_path / ".tok.tmp-")) and list(tmp_path.glob(".tok*")) == []
+
+
+@pytest.mark.fault("other I/O errors (EIO, EROFS)", "error")
+def test_a_read_only_filesystem_is_one_clear_error(small_fs, tmp_path, base_model_path, news_lines, capsys):
+    import subprocess
+
+    mnt, _ = small_fs
+    subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+    cand = candidate_model(base_model_path, tmp_path / "cand.model", news_lines)
+    out = mnt / "tok"
+    rc, err = _graft(["vocab", "merge", "--base", str(base_model_path), "--add", str(cand), "--out", str(out)], capsys)
+    assert rc == 2
+    assert re.fullmatch(re.escape(f"graft: error: graft vocab merge: Read-only file system (EROFS) while writing {out}")
+                        + r"( \(file [^)]+\))?" + re.escape(
+        f". Nothing was left in {out} (the partial output was written under a temporary name, now removed). Fix: "
+        "write to a writable filesystem (another --out), then re-run") + "\n", err), err
