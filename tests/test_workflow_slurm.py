@@ -185,9 +185,10 @@ PIPELINE = """
     """
 
 # What differs between two runs of the same stage by design: times, paths under another folder, the
-# command line, fingerprints and ids derived from them, and which array task happened to finish.
+# command line, fingerprints and ids derived from them (`rerun` hashes the upstream manifests, which
+# hold times), and which array task happened to finish.
 _RUN_SPECIFIC = {"started", "finished", "duration_s", "cpu_s", "elapsed_s", "argv", "command", "workflow",
-                 "shard_index", "num_shards", "progress", "host", "python", "versions", "slurm_job"}
+                 "shard_index", "num_shards", "progress", "host", "python", "versions", "slurm_job", "rerun"}
 
 
 def _normalised(obj, root: str):
