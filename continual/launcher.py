@@ -116,6 +116,14 @@ def check_train_config_for(launch: dict, cfg, where: str | Path, cuda: bool = Tr
         raise input_error(where, f"{'FSDP' if kind == 'FSDP' else 'DeepSpeed ZeRO-3'} shards only float tensors, "
                                  f"but quant_storage = {cfg.quant_storage!r}",
                           'set quant_storage = "bfloat16" in the train config')
+    if kind == "FSDP" and cfg.embeddings == "new-rows":
+        # peft keeps the new rows' float32 deltas inside the embedding module, next to its frozen bf16 matrix: one
+        # FSDP unit of two dtypes, which FSDP cannot flatten (and in bf16 AdamW's small updates would round away).
+        raise input_error(where, "FSDP cannot train embeddings = \"new-rows\": peft keeps the float32 row deltas "
+                                 "in the same module as the frozen bf16 embedding matrix, and FSDP flattens each "
+                                 "unit into one dtype",
+                          'use --launch-config deepspeed-zero3 (shards parameters too) or deepspeed-zero2, or '
+                          'embeddings = "full"')
     if kind == "FSDP" and cfg.compute_dtype == "float32":
         raise input_error(where, "FSDP flattens each unit into one dtype; compute_dtype float32 with bfloat16 "
                                  "storage mixes dtypes", 'set compute_dtype = "bfloat16" (or "auto")')

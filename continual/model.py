@@ -160,7 +160,7 @@ def load_base_4bit(model_dir: str | Path, compute_dtype, quant_storage: str = "u
     return model
 
 
-def add_adapters(model, cfg, vocab_size: int, new_rows_start: int | None, upcast: bool = True):
+def add_adapters(model, cfg, vocab_size: int, new_rows_start: int | None):
     """Wrap the 4-bit model with LoRA (+ trainable embeddings per cfg.embeddings); returns the PeftModel.
 
     `vocab_size` here is the tokenizer's size: in new-rows mode rows [new_rows_start, vocab_size) train
@@ -179,10 +179,10 @@ def add_adapters(model, cfg, vocab_size: int, new_rows_start: int | None, upcast
     torch.manual_seed(cfg.seed)  # LoRA A init
     model = get_peft_model(model, lora)
     # Trainable weights (LoRA, embedding copies/rows) live in float32 for stable AdamW updates, even when the
-    # frozen base computes in bf16 (the forward runs under autocast then). Not under FSDP, which needs one
-    # dtype per flattened unit (it keeps its own fp32 optimizer state via mixed precision settings).
+    # frozen base computes in bf16 (the forward runs under autocast then; under FSDP each trainable leaf is a
+    # unit of its own, see continual.train._fsdp_units).
     for p in model.parameters():
-        if upcast and p.requires_grad and p.dtype != torch.float32:
+        if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     disable_cpu_repack(model)
     return model

@@ -126,6 +126,19 @@ def _whole_params_for_peft(zero3: bool):
         hf_ds._hf_deepspeed_config_weak_ref = ref
 
 
+def _fsdp_units(accelerator, model, compute_dtype) -> None:
+    """FSDP flattens each unit into one dtype, but the frozen 4-bit layers are stored in bf16 and the trained
+    weights in float32 (for AdamW). peft's wrap policy gives every trainable leaf (LoRA A/B, the embedding copies
+    of embeddings = "full") a unit of its own next to the decoder-layer units, and FSDP's mixed precision
+    computes in the compute dtype while the float32 weights stay the optimizer's, as transformers' Trainer sets
+    up FSDP-QLoRA. Buffers (rotary inv_freq) stay float32."""
+    from peft.utils.other import fsdp_auto_wrap_policy
+
+    plugin = accelerator.state.fsdp_plugin
+    plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
+    plugin.set_mixed_precision(compute_dtype, buffer_autocast=True, override=True)
+
+
 def _make_accelerator(cfg: TrainConfig, launch: dict | None):
     """The Accelerator for this process. DeepSpeed gets a config generated from the train config; on a machine
     without GPUs it runs on DeepSpeed's CPU accelerator (gloo). FSDP needs GPUs (accelerate enables it only for
@@ -251,7 +264,9 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with _whole_params_for_peft(zero3):
-        model = M.add_adapters(model, cfg, len(tokenizer), new_rows_start, upcast=not fsdp)
+        model = M.add_adapters(model, cfg, len(tokenizer), new_rows_start)
+    if fsdp:
+        _fsdp_units(accelerator, model, compute_dtype)
 
     emb_names = M.embedding_param_names(model)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -68,6 +68,10 @@ def test_engines_that_shard_params_need_float_quant_storage(tmp_path):
     cfg.quant_storage = "bfloat16"
     for name in launcher.LAUNCH_CONFIGS:
         launcher.check_train_config_for(launcher.read_launch_config(launcher.config_path(name)), cfg, "t.toml")
+    cfg.embeddings = "new-rows"  # FSDP only: one unit would hold float32 row deltas and the bf16 matrix
+    with pytest.raises(GraftError, match=r't\.toml: FSDP cannot train embeddings = "new-rows".*Fix: use '
+                                         r'--launch-config deepspeed-zero3'):
+        launcher.check_train_config_for(launcher.read_launch_config(launcher.config_path("fsdp")), cfg, "t.toml")
 
 
 def test_torchrun_command_parses():
@@ -356,7 +360,7 @@ def test_two_processes_match_one_and_resume_after_a_kill(engine, moe_ws, one_pro
 @pytest.mark.slow
 def test_fsdp_on_cpu_is_refused_before_the_model_loads(moe_ws, tmp_path):
     """accelerate 1.15 turns FSDP on only for GPU-type devices; on CPU it would silently run DDP instead."""
-    res = _launch("fsdp", _write_toml(_moe_cfg(moe_ws, tmp_path / "o"), tmp_path / "t.toml"))
+    res = _launch("fsdp", _write_toml(_moe_cfg(moe_ws, tmp_path / "o", embeddings="full"), tmp_path / "t.toml"))
     assert res.returncode != 0
     assert "the launch config asks for FSDP, but this machine has no GPU" in res.stderr
     assert "Loading checkpoint shards" not in res.stderr and not (tmp_path / "o").exists()
