@@ -44,3 +44,45 @@ def save_tiny_llama_tied(out: str | Path, *, vocab_size: int = 32000, seed: int 
     model = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
     model.save_pretrained(out, max_shard_size=max_shard_size, safe_serialization=True)
     return Path(out)
+
+
+def save_tiny_bytelevel_tokenizer(out: str | Path, texts, *, vocab_size: int = 1000, style: str = "qwen") -> Path:
+    """A small byte-level BPE tokenizer folder trained on `texts`, shaped like a real family's tokenizer.json:
+    "qwen" (NFC normalizer, Split regex + ByteLevel(use_regex=False), ignore_merges off, <|endoftext|> and
+    <|im_start|>/<|im_end|> added after the BPE ids) or "gpt2" (ByteLevel(use_regex=True), <|endoftext|>)."""
+    import json
+
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import BPE
+    from tokenizers.trainers import BpeTrainer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(BPE())
+    if style == "qwen":
+        tok.normalizer = normalizers.NFC()
+        pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                   r"\s*[\r\n]+|\s+(?!\S)|\s+")
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    elif style == "gpt2":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        specials = ["<|endoftext|>"]
+    else:
+        raise ValueError(style)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                         show_progress=False)
+    tok.train_from_iterator(list(texts), trainer)
+    tok.add_special_tokens(specials)  # after the BPE ids, like Qwen2's and Llama-3's special tokens
+    tok.save(str(out / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "bos_token": None,
+              "unk_token": None, "pad_token": "<|endoftext|>", "clean_up_tokenization_spaces": False,
+              "model_max_length": 32768}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    (out / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|endoftext|>",
+                                                             "pad_token": "<|endoftext|>"}), encoding="utf-8")
+    return out

