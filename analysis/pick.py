@@ -25,6 +25,11 @@ class PickConfig:
     size: int | None = field(default=None, metadata={"help": "take this size instead of the knee"})
     chars: int | None = field(default=None, metadata={"help": "take this chars curve only"})
 
+    def __post_init__(self) -> None:  # out-of-range values fail when the config is built (CLI)
+        from common.validate import check_ranges
+
+        check_ranges(self, {"size": ">=1", "chars": ">=1"})
+
 
 def read_scores(scores_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(scores.json, manifest.json) of a finished score folder."""

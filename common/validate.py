@@ -6,12 +6,15 @@ value out of range, the key (and its command-line flag) and what is allowed:
     def __post_init__(self) -> None:
         check_ranges(self, {"learning_rate": ">0", "lora_dropout": "[0,1)", "block_size": ">=1"})
 
-Rules: ">0", ">=0", ">=1", "[0,1)", "[0,1]", "(0,1]". `None` values (optional fields left unset) pass.
+Rules: ">0", ">=0", ">=1", ">=2", "[0,1)", "[0,1]", "(0,1]". `None` values (optional fields left unset)
+pass; NaN and infinities never do. A config whose values can change after it is built may call
+`check_ranges` again in its `validate()`.
 A workflow file builds every stage's config once when it is read (workflows/spec.py), so a bad value
 there fails at load time with the table name, not hours later when the stage is reached.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 from common.errors import GraftError
@@ -20,10 +23,15 @@ _RULES = {
     ">0": (lambda v: v > 0, "must be > 0", "a positive value"),
     ">=0": (lambda v: v >= 0, "must be >= 0", "0 or a positive value"),
     ">=1": (lambda v: v >= 1, "must be >= 1", "1 or more"),
+    ">=2": (lambda v: v >= 2, "must be >= 2", "2 or more"),
     "[0,1)": (lambda v: 0 <= v < 1, "must be in [0, 1)", "a value from 0 up to, not including, 1"),
     "[0,1]": (lambda v: 0 <= v <= 1, "must be in [0, 1]", "a value from 0 to 1"),
     "(0,1]": (lambda v: 0 < v <= 1, "must be in (0, 1]", "a value above 0, at most 1"),
 }
+
+
+def _finite(v: int | float) -> bool:
+    return isinstance(v, int) or math.isfinite(v)  # NaN, inf, -inf (TOML writes them nan, inf)
 
 
 def range_problems(cfg: Any, rules: Mapping[str, str]) -> list[str]:
@@ -34,9 +42,10 @@ def range_problems(cfg: Any, rules: Mapping[str, str]) -> list[str]:
             continue
         ok, what, fix = _RULES[rule]
         values = value if isinstance(value, (list, tuple)) else [value]
-        bad = [v for v in values if isinstance(v, (int, float)) and (v != v or not ok(v))]  # v != v: NaN
+        bad = [v for v in values if isinstance(v, (int, float)) and not (_finite(v) and ok(v))]
         if bad:
-            problems.append(f"`{key}` (--{key.replace('_', '-')}) = {bad[0]!r} {what}. Fix: set {key} to {fix}")
+            why = what if _finite(bad[0]) else "is not a finite number"
+            problems.append(f"`{key}` (--{key.replace('_', '-')}) = {bad[0]!r} {why}. Fix: set {key} to {fix}")
     return problems
 
 

@@ -22,6 +22,16 @@ def _h(text: str, **kw: Any) -> dict:
     return {"help": text, **kw}
 
 
+# Allowed ranges of TrainConfig's numbers (rules: common/validate.py); None (optional, unset) passes.
+TRAIN_RANGES = {
+    "learning_rate": ">0", "embedding_lr": ">0", "weight_decay": ">=0", "warmup_ratio": "[0,1]",
+    "min_lr_ratio": "[0,1]", "max_grad_norm": ">=0", "lora_r": ">=1", "lora_alpha": ">=1", "lora_dropout": "[0,1)",
+    "micro_batch_size": ">=1", "grad_accum": ">=1", "max_steps": ">=0", "epochs": ">=1", "seq_len": ">=2",
+    "new_rows_start": ">=1", "router_aux_loss_coef": ">=0", "eval_every": ">=0", "eval_blocks": ">=0",
+    "save_every": ">=0", "keep_checkpoints": ">=1", "log_every": ">=1",
+}
+
+
 @dataclass
 class TrainConfig:
     """QLoRA continued pretraining (NF4 4-bit base, double quantization, LoRA on attention and every
@@ -85,7 +95,15 @@ class TrainConfig:
     resume: bool = field(default=True, metadata=_h("resume from the newest checkpoint in `out`"))
     progress: bool = field(default=True, metadata=_h("show a progress bar with tokens/s"))
 
+    def __post_init__(self) -> None:  # out-of-range values fail when the config is built (CLI, TOML, workflow)
+        from common.validate import check_ranges
+
+        check_ranges(self, TRAIN_RANGES)
+
     def validate(self) -> "TrainConfig":
+        from common.validate import check_ranges
+
+        check_ranges(self, TRAIN_RANGES)  # again: fields may have been set after the config was built
         for name in ("model", "train_data", "out"):
             if not getattr(self, name):
                 raise GraftError(f"`{name}` is not set. Fix: put `{name} = \"...\"` in the TOML file or pass "
@@ -97,10 +115,6 @@ class TrainConfig:
             raise GraftError(f"compute_dtype = {self.compute_dtype!r}. Fix: use auto, bfloat16 or float32")
         if self.quant_storage not in ("uint8", "bfloat16", "float16", "float32"):
             raise GraftError(f"quant_storage = {self.quant_storage!r}. Fix: use uint8 (default) or bfloat16 (FSDP)")
-        for name in ("lora_r", "lora_alpha", "micro_batch_size", "grad_accum", "epochs", "keep_checkpoints",
-                     "log_every"):
-            if getattr(self, name) < 1:
-                raise GraftError(f"`{name}` must be >= 1 (got {getattr(self, name)})")
         if not self.target_modules:
             raise GraftError("target_modules is empty. Fix: name at least one module, e.g. q_proj")
         return self
@@ -123,12 +137,19 @@ class MergeConfig:
     allow_other_base: bool = field(default=False, metadata=_h(
         "merge even if the base's fingerprint differs from the one the adapter was trained on"))
 
+    def __post_init__(self) -> None:  # a bad dtype fails when the config is built (CLI, workflow file)
+        self._check_dtype()
+
+    def _check_dtype(self) -> None:
+        if self.dtype not in ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32"):
+            raise GraftError(f"`dtype` (--dtype) = {self.dtype!r} is not a dtype graft merge writes. "
+                             "Fix: use auto, bf16, fp16 or fp32")
+
     def validate(self) -> "MergeConfig":
         for name in ("base", "adapter", "out"):
             if not getattr(self, name):
                 raise GraftError(f"`{name}` is not set. Fix: pass --{name} DIR")
-        if self.dtype not in ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32"):
-            raise GraftError(f"--dtype {self.dtype!r}. Fix: use auto, bf16, fp16 or fp32")
+        self._check_dtype()
         return self
 
 
@@ -164,7 +185,10 @@ def config_from_dict(cls: type, values: dict[str, Any], path: str | Path = "<con
             hint = f"did you mean `{close[0]}`?" if close else f"valid keys: {', '.join(names)}"
             raise input_error(path, f"unknown key `{key}`", f"remove it ({hint})")
         kwargs[key] = _check_type(path, key, value, hints[key])
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except GraftError as e:  # an out-of-range value (the config's __post_init__): name the file too
+        raise GraftError(f"{path}: {e}") from None
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

@@ -192,6 +192,9 @@ class AddConfig:
     registry: str = field(default=DEFAULT_REGISTRY, metadata={"help": "registry file (created if missing)"})
     force: bool = field(default=False, metadata={"help": "replace an existing entry of the same name"})
 
+    def __post_init__(self) -> None:  # a bad train:dev split fails when the config is built
+        parse_split(self.split, where="`split` (--split)")
+
 
 def add(cfg: AddConfig) -> DatasetEntry:
     if not cfg.files:

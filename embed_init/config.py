@@ -43,13 +43,13 @@ class EmbedInitConfig:
         "help": "hard-link unchanged shards instead of copying them (same filesystem only; falls back to copy)"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # bad values fail when the config is built (CLI, workflow file)
         from common.errors import GraftError
+        from common.validate import check_ranges
 
         if self.method not in METHODS:
             raise GraftError(f"--method {self.method!r} is not one of {', '.join(METHODS)}. Fix: pick one of them")
-        if self.pad_to_multiple_of < 0:
-            raise GraftError(f"--pad-to-multiple-of must be >= 0, got {self.pad_to_multiple_of}. Fix: use 0 or e.g. 64")
+        check_ranges(self, {"pad_to_multiple_of": ">=0"})
 
 
 @dataclass

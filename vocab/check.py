@@ -49,6 +49,11 @@ class CheckConfig:
     max_lines: int = field(default=20000, metadata={"help": "check at most this many lines (the first ones)"})
     json: bool = field(default=False, metadata={"help": "print the report as JSON"})
 
+    def __post_init__(self) -> None:  # out-of-range values fail when the config is built (CLI, workflow)
+        from common.validate import check_ranges
+
+        check_ranges(self, {"max_lines": ">=1"})
+
 
 def _lines(patterns: list[str], max_lines: int) -> tuple[list[str], dict]:
     from corpus.readers import RejectLog, iter_texts

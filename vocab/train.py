@@ -55,7 +55,7 @@ class TrainConfig:
     out: str = field(metadata={"help": "output folder: candidates/chars{C}_size{N}.model + manifest.json"})
     chars: list[int] = field(default_factory=lambda: [4451, 5435, 6414, 7434],
                              metadata={"help": "exact numbers of single characters kept (the most frequent ones)"})
-    sizes: list[str] = field(default_factory=lambda: ["5000:40000:1000"],
+    sizes: list[str] = field(default_factory=lambda: ["8000:40000:1000"],
                              metadata={"help": "pieces per candidate: START:STOP:STEP (STOP included) or a list",
                                        "split": False})
     max_sentences: int = field(default=1_000_000,
@@ -73,6 +73,9 @@ class TrainConfig:
 
         check_ranges(self, {"chars": ">=1", "max_sentences": ">=1", "threads": ">=1",
                             "max_sentencepiece_length": ">=1"})
+        sizes = parse_sizes(self.sizes)  # the grid too: a bad range or a size too small for --chars
+        for c in parse_chars(self.chars):
+            check_size(c, sizes[0])
 
 # ---------------------------------------------------------------------------------------------
 # characters

@@ -37,6 +37,11 @@ class DemoCorporaConfig:
     heldout_every: int = field(default=20, metadata={
         "help": "every N-th news paragraph and every N-th pydoc topic go to the *_dev.jsonl files"})
 
+    def __post_init__(self) -> None:  # 1 would leave no training text, 0 would divide by zero
+        from common.validate import check_ranges
+
+        check_ranges(self, {"heldout_every": ">=2"})
+
 
 def write_corpora(cfg: DemoCorporaConfig) -> Path:
     from corpus import sources

@@ -25,6 +25,11 @@ class PickStageConfig:
     chars: int = field(default=0, metadata={"help": "only this chars curve (0 = all)"})
     overwrite: bool = overwrite_field()
 
+    def __post_init__(self) -> None:  # out-of-range values fail when the workflow file is read
+        from common.validate import check_ranges
+
+        check_ranges(self, {"size": ">=0", "chars": ">=0"})
+
 
 def pick_stage(cfg: PickStageConfig) -> Path:
     from analysis.knee import choose

@@ -406,7 +406,7 @@ def _check_values(kind: StageKind, fields: dict, values: dict[str, Any], where: 
         if callable(getattr(cfg, "validate", None)):
             cfg.validate()
     except GraftError as e:
-        errors.append(f"{where} {e}")
+        errors.append(f"{where} " + str(e).replace("\n", "\n  "))  # a list of problems: indented under its stage
     except (TypeError, ValueError):
         pass  # e.g. a required field given as a manifest reference; checked when the stage runs
 
