@@ -35,3 +35,97 @@ def test_workflow_file_value_out_of_range_fails_when_read(tmp_path):
         "  [base_model] `learning_rate` (--learning-rate) = -0.001 must be > 0. Fix: set learning_rate to a positive "
         "value\n"
         "  [prep] `batch_chars` (--batch-chars) = 0 must be >= 1. Fix: set batch_chars to 1 or more")
+
+
+_BAD_TRAIN = '''learning_rate = -1e-5
+embedding_lr = 0.0
+lora_dropout = 1.0
+warmup_ratio = 1.5
+min_lr_ratio = -0.1
+weight_decay = -0.01
+max_grad_norm = inf
+max_steps = -1
+seq_len = 1
+eval_every = -1
+eval_blocks = -8
+save_every = -100
+'''
+
+
+@pytest.mark.fault("out-of-range setting", "error")
+def test_train_toml_out_of_range_values_are_all_named_with_the_file(tmp_path, capsys):
+    toml = tmp_path / "train.toml"
+    toml.write_text(f'model = "m"\ntrain_data = "d"\nout = "{tmp_path / "t"}"\n' + _BAD_TRAIN)
+    rc = workflows.cli.main(["train", "--config", str(toml)])
+    assert rc == 2
+    assert capsys.readouterr().err == (
+        f"graft: error: {toml}: out-of-range settings:\n"
+        "  `learning_rate` (--learning-rate) = -1e-05 must be > 0. Fix: set learning_rate to a positive value\n"
+        "  `embedding_lr` (--embedding-lr) = 0.0 must be > 0. Fix: set embedding_lr to a positive value\n"
+        "  `weight_decay` (--weight-decay) = -0.01 must be >= 0. Fix: set weight_decay to 0 or a positive value\n"
+        "  `warmup_ratio` (--warmup-ratio) = 1.5 must be in [0, 1]. Fix: set warmup_ratio to a value from 0 to 1\n"
+        "  `min_lr_ratio` (--min-lr-ratio) = -0.1 must be in [0, 1]. Fix: set min_lr_ratio to a value from 0 to 1\n"
+        "  `max_grad_norm` (--max-grad-norm) = inf is not a finite number. Fix: set max_grad_norm to 0 or a "
+        "positive value\n"
+        "  `lora_dropout` (--lora-dropout) = 1.0 must be in [0, 1). Fix: set lora_dropout to a value from 0 up to, "
+        "not including, 1\n"
+        "  `max_steps` (--max-steps) = -1 must be >= 0. Fix: set max_steps to 0 or a positive value\n"
+        "  `seq_len` (--seq-len) = 1 must be >= 2. Fix: set seq_len to 2 or more\n"
+        "  `eval_every` (--eval-every) = -1 must be >= 0. Fix: set eval_every to 0 or a positive value\n"
+        "  `eval_blocks` (--eval-blocks) = -8 must be >= 0. Fix: set eval_blocks to 0 or a positive value\n"
+        "  `save_every` (--save-every) = -100 must be >= 0. Fix: set save_every to 0 or a positive value\n")
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.fault("out-of-range setting", "error")
+def test_train_flag_out_of_range_over_a_good_toml(tmp_path, capsys):
+    toml = tmp_path / "train.toml"
+    toml.write_text(f'model = "m"\ntrain_data = "d"\nout = "{tmp_path / "t"}"\nlearning_rate = 1e-4\n')
+    rc = workflows.cli.main(["train", "--config", str(toml), "--lora-dropout", "-0.05", "--learning-rate", "nan"])
+    assert rc == 2
+    assert capsys.readouterr().err == (
+        "graft: error: out-of-range settings:\n"
+        "  `learning_rate` (--learning-rate) = nan is not a finite number. Fix: set learning_rate to a positive value\n"
+        "  `lora_dropout` (--lora-dropout) = -0.05 must be in [0, 1). Fix: set lora_dropout to a value from 0 up to, "
+        "not including, 1\n")
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.fault("out-of-range setting", "error")
+def test_vocab_grid_too_small_for_its_chars_fails_before_reading(tmp_path, capsys):
+    missing = tmp_path / "not-read.jsonl"  # never opened: the grid is checked when the config is built
+    rc = workflows.cli.main(["vocab", "train", str(missing), "--out", str(tmp_path / "c"),
+                             "--chars", "4451,7434", "--sizes", "5000:40000:1000"])
+    assert rc == 2
+    assert capsys.readouterr().err == (
+        "graft: error: size 5000 is smaller than required: --chars 7434 needs 7434 character pieces plus 259 "
+        "reserved pieces (<unk>, <s>, </s> and 256 byte pieces), i.e. SentencePiece's 'Vocabulary size is smaller "
+        "than required_chars'. Fix: use --sizes of at least 7694 for --chars 7434, or lower --chars\n")
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.fault("out-of-range setting", "error")
+def test_workflow_file_every_stage_kind_checked_when_read(tmp_path):
+    wf = tmp_path / "wf.toml"
+    wf.write_text('[workflow]\nname = "w"\n\n'
+                  '[cands]\nkind = "vocab.train"\ninputs = ["zh.jsonl"]\nchars = [3000]\nsizes = ["2000:8000:1000"]\n\n'
+                  '[pick]\nkind = "vocab.pick"\nscores = "s"\nsize = -1\n\n'
+                  '[grown]\nkind = "embed.init"\nmodel = "m"\nold_tokenizer = "t"\nnew_tokenizer = "@pick"\n'
+                  'pad_to_multiple_of = -64\n\n'
+                  '[train]\nkind = "continual.train"\nmodel = "@grown"\ntrain_data = "d"\nlearning_rate = 0\n'
+                  'warmup_ratio = 2.0\n\n'
+                  '[merged]\nkind = "continual.merge"\nbase = "@grown"\nadapter = "@train/adapter"\ndtype = "int8"\n')
+    with pytest.raises(GraftError) as e:
+        load_workflow(wf)
+    assert str(e.value) == (
+        f"{wf}: invalid workflow:\n"
+        "  [cands] size 2000 is smaller than required: --chars 3000 needs 3000 character pieces plus 259 reserved "
+        "pieces (<unk>, <s>, </s> and 256 byte pieces), i.e. SentencePiece's 'Vocabulary size is smaller than "
+        "required_chars'. Fix: use --sizes of at least 3260 for --chars 3000, or lower --chars\n"
+        "  [pick] `size` (--size) = -1 must be >= 0. Fix: set size to 0 or a positive value\n"
+        "  [grown] `pad_to_multiple_of` (--pad-to-multiple-of) = -64 must be >= 0. Fix: set pad_to_multiple_of to 0 "
+        "or a positive value\n"
+        "  [train] out-of-range settings:\n"
+        "    `learning_rate` (--learning-rate) = 0.0 must be > 0. Fix: set learning_rate to a positive value\n"
+        "    `warmup_ratio` (--warmup-ratio) = 2.0 must be in [0, 1]. Fix: set warmup_ratio to a value from 0 to 1\n"
+        "  [merged] `dtype` (--dtype) = 'int8' is not a dtype graft merge writes. Fix: use auto, bf16, fp16 or fp32")
