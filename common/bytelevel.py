@@ -368,10 +368,9 @@ def load_bytelevel(path: str | Path) -> ByteLevelTokenizer:
 def tokenizer_family(path: str | Path) -> str:
     """"sentencepiece" or "bytelevel" for a base tokenizer path; GraftError naming the file otherwise.
 
-    A folder with tokenizer.model (with or without tokenizer.json) is SentencePiece, as before.
+    A folder with tokenizer.model (with or without tokenizer.json) is SentencePiece, as before, and so is any
+    file that is not .json (Mixtral ships `tokenizer.model.v1`).
     """
-    from common.tokenizer_files import is_sentencepiece
-
     p = Path(path)
     if not p.exists():
         raise input_error(p, "not found", "check the path")
@@ -385,10 +384,7 @@ def tokenizer_family(path: str | Path) -> str:
     if p.suffix == ".json":
         load_bytelevel(p)
         return "bytelevel"
-    if is_sentencepiece(p):
-        return "sentencepiece"
-    raise input_error(p, "is neither a SentencePiece model nor a tokenizer.json / tekken JSON",
-                      f"pass one of: {SUPPORTED}")
+    return "sentencepiece"  # any other file: the SentencePiece loader names what is wrong with it
 
 
 def looks_bytelevel(path: str | Path | None) -> bool:

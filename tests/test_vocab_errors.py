@@ -184,13 +184,14 @@ def test_base_not_sentencepiece(tmp_path, base_model_path):
     hf = tmp_path / "hf_bpe"
     hf.mkdir()
     (hf / "tokenizer.json").write_text("{}")
-    fix = ("is not a SentencePiece tokenizer (no tokenizer.model). Fix: pass the base's SentencePiece "
-           "tokenizer.model, or a HF folder that contains it (vocab merge grows SentencePiece BPE tokenizers "
-           "such as Llama/Mistral/Mixtral)")
-    for base in (hf, hf / "tokenizer.json"):
+    fix = ("is neither a Hugging Face tokenizer.json nor a tekken file. Fix: pass one of: SentencePiece BPE (a "
+           "tokenizer.model, or a folder holding one: Llama-2, Mistral-7B, Mixtral) or byte-level BPE (a "
+           "tokenizer.json with a ByteLevel pre-tokenizer: GPT-2, Llama-3, Qwen2/2.5/3, Mistral-Nemo; or "
+           "Mistral's tekken JSON)")
+    for base in (hf, hf / "tokenizer.json"):  # byte-level bases are grown too: this one is neither kind
         with pytest.raises(GraftError) as e:
             merge_into_base(MergeConfig(base=str(base), add=str(base_model_path), out=str(tmp_path / "m")))
-        assert str(e.value) == f"{base}: {fix}"
+        assert str(e.value) == f"{hf / 'tokenizer.json'}: {fix}"
     bogus = tmp_path / "base.model"
     bogus.write_bytes(b"\x89PNG\r\n\x1a\n")
     with pytest.raises(GraftError) as e:

@@ -343,6 +343,15 @@ def extended_json(base: ByteLevelTokenizer, merges: list[tuple[str, str]], speci
     model = data["model"]
     first = base.size()
     vocab = model["vocab"]
+    # `tokenizers` gives an added token that the BPE vocabulary lacks the next id after that vocabulary when it
+    # loads a tokenizer.json (the stored id is not used). Llama-3 and Qwen2 keep their special tokens at ids after
+    # the BPE vocabulary, so new BPE ids after them would move them: they go into the vocabulary at their own
+    # ids (as tekken's specials are). Added tokens are matched before BPE runs, so this changes no encoding.
+    used = set(vocab.values())
+    for t in data.get("added_tokens") or []:
+        if t["content"] not in vocab and int(t["id"]) not in used:
+            vocab[t["content"]] = int(t["id"])
+            used.add(int(t["id"]))
     old_merges = model.get("merges") or []
     as_string = bool(old_merges) and isinstance(old_merges[0], str)
     new_merges = list(old_merges)

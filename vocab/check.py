@@ -42,7 +42,8 @@ class CheckConfig:
     """
 
     tokenizer: str = field(metadata={"help": "merged tokenizer folder (from `graft vocab merge`)"})
-    base: str = field(metadata={"help": "base SentencePiece .model or HF folder with tokenizer.model"})
+    base: str = field(metadata={"help": "base SentencePiece .model or HF folder with tokenizer.model; or the "
+                                        "byte-level base (tokenizer.json folder/file or tekken JSON)"})
     corpus: list[str] = field(metadata={"help": "text files or globs (jsonl/parquet/txt); each line is checked"})
     script: str | None = field(default=None, metadata={"help": "target script (default: the one recorded by "
                                                                "vocab merge, else Han)"})
@@ -101,6 +102,10 @@ def check_tokenizer(cfg: CheckConfig) -> dict[str, Any]:
     from common.scripts import ScriptFilter
 
     folder = Path(cfg.tokenizer)
+    if folder.is_dir() and not (folder / "tokenizer.model").exists() and (folder / "tokenizer.json").is_file():
+        from vocab.bytelevel_check import check_bytelevel  # grown from a byte-level base
+
+        return check_bytelevel(cfg)
     if not folder.is_dir() or not (folder / "tokenizer.model").is_file() or not (folder / "tokenizer.json").is_file():
         raise GraftError(f"{folder}: not a merged tokenizer folder (needs tokenizer.model and tokenizer.json). "
                          "Fix: pass the --out folder of `graft vocab merge`")

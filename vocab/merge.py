@@ -36,7 +36,10 @@ _SCORE_FLOOR = -1e8
 
 @dataclass
 class MergeConfig:
-    """Append a candidate BPE vocabulary to a base SentencePiece tokenizer; write a Hugging Face folder.
+    """Append a candidate BPE vocabulary to a base tokenizer; write a Hugging Face folder.
+
+    A byte-level BPE base (tokenizer.json, tekken JSON) gets the candidate's merges appended after its own,
+    with their tokens at ids after every base id (see docs/vocab.md, "Byte-level bases").
 
     Every base piece keeps its id, score and type; only pieces with a target-script character are added
     (after the base ids, without duplicates); every added piece is reachable in sentencepiece and in the
@@ -45,10 +48,14 @@ class MergeConfig:
 
     Example:
       graft vocab merge --base BASE.model --add runs/cands/candidates/chars4451_size30000.model --out runs/tok
+      graft vocab merge --base tekken.json --add runs/cands_nemo/candidates/added25000.json --out runs/tok_nemo
     """
 
-    base: str = field(metadata={"help": "base tokenizer: a SentencePiece .model, or a HF folder with tokenizer.model"})
-    add: str = field(metadata={"help": "candidate SentencePiece BPE .model (from `graft vocab train`)"})
+    base: str = field(metadata={"help": "base tokenizer: a SentencePiece .model or a HF folder with tokenizer.model; "
+                                        "or a byte-level BPE: a HF folder / tokenizer.json (Llama-3, Qwen2, ...) or "
+                                        "Mistral's tekken JSON"})
+    add: str = field(metadata={"help": "candidate from `graft vocab train`: a SentencePiece .model, or for a "
+                                       "byte-level base a candidates/added{N}.json trained with --base BASE"})
     out: str = field(metadata={"help": "output folder (a Hugging Face tokenizer folder)"})
     script: str = field(default="Han", metadata={"help": "add only pieces with a character of this script "
                                                          "(Han, Hangul, Cyrillic, or any)"})
@@ -235,11 +242,12 @@ def merge_into_base(cfg: MergeConfig) -> Path:
     skip, rerun = guard(cfg, cfg.out, stage="vocab.merge", inputs={"base": base_path, "add": add_path})
     if skip:
         return Path(cfg.out)
-    if (base_path.is_file() and base_path.suffix == ".json") or \
-            (base_path.is_dir() and not (base_path / "tokenizer.model").exists()):
-        raise input_error(base_path, "is not a SentencePiece tokenizer (no tokenizer.model)",
-                          "pass the base's SentencePiece tokenizer.model, or a HF folder that contains it "
-                          "(vocab merge grows SentencePiece BPE tokenizers such as Llama/Mistral/Mixtral)")
+    from common.bytelevel import tokenizer_family
+
+    if tokenizer_family(base_path) == "bytelevel":  # tokenizer.json / tekken: appended merges
+        from vocab.bytelevel_stages import merge_bytelevel
+
+        return merge_bytelevel(cfg, rerun)
     base = load_model_proto(base_path)
     require_bpe(base, base_path, "vocab merge grows SentencePiece BPE tokenizers (Llama, Mistral, Mixtral); "
                                  "a Unigram base (T5, XLM-R, ...) is not supported")

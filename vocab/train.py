@@ -27,6 +27,7 @@ from typing import Iterable, Iterator
 
 from common.errors import GraftError
 from common.io import atomic_path, atomic_write_bytes, write_manifest
+from common.bytelevel import looks_bytelevel
 from common.rerun import guard, overwrite_field
 from vocab.grid import parse_chars, parse_sizes
 
@@ -34,6 +35,12 @@ WS = "\u2581"  # SentencePiece's whitespace symbol
 RESERVED = 3 + 256  # <unk> <s> </s> + 256 byte pieces
 # Characters the trainer never keeps as pieces: tab (its boundary marker), its unknown placeholder, NUL.
 NEVER_KEPT = {"\t", "\u2585", "\0"}
+
+
+class DefaultChars(list):
+    """The default --chars list: its type tells a config that left --chars out from one that set it (a
+    byte-level base refuses --chars)."""
+    is_default = True
 
 
 @dataclass
@@ -53,8 +60,12 @@ class TrainConfig:
     inputs: list[str] = field(metadata={"help": "text files or globs (.jsonl[.gz|.zst] field 'text', .parquet column "
                                                 "'text', .txt[.gz] one document per line)"})
     out: str = field(metadata={"help": "output folder: candidates/chars{C}_size{N}.model + manifest.json"})
-    chars: list[int] = field(default_factory=lambda: [4451, 5435, 6414, 7434],
-                             metadata={"help": "exact numbers of single characters kept (the most frequent ones)"})
+    base: str | None = field(default=None, metadata={
+        "help": "base tokenizer. A byte-level BPE (tokenizer.json folder or file, or Mistral's tekken JSON): "
+                "candidates continue its merges and --sizes counts added tokens. A SentencePiece base: unused"})
+    chars: list[int] = field(default_factory=lambda: DefaultChars([4451, 5435, 6414, 7434]),
+                             metadata={"help": "exact numbers of single characters kept (the most frequent ones; "
+                                               "SentencePiece only)"})
     sizes: list[str] = field(default_factory=lambda: ["8000:40000:1000"],
                              metadata={"help": "pieces per candidate: START:STOP:STEP (STOP included) or a list",
                                        "split": False})
@@ -73,6 +84,11 @@ class TrainConfig:
 
         check_ranges(self, {"chars": ">=1", "max_sentences": ">=1", "threads": ">=1",
                             "max_sentencepiece_length": ">=1"})
+        if looks_bytelevel(self.base):  # --sizes counts added tokens there; --chars is refused
+            from vocab.bytelevel_stages import check_train_config
+
+            check_train_config(self)
+            return
         sizes = parse_sizes(self.sizes)  # the grid too: a bad range or a size too small for --chars
         for c in parse_chars(self.chars):
             check_size(c, sizes[0])
@@ -238,6 +254,13 @@ def train_candidates(cfg: TrainConfig) -> Path:
     from vocab.sample import sample_lines
     from common.scripts import ScriptFilter
 
+    if cfg.base:
+        from common.bytelevel import tokenizer_family
+
+        if tokenizer_family(cfg.base) == "bytelevel":
+            from vocab.bytelevel_stages import train_bytelevel
+
+            return train_bytelevel(cfg)
     started = time.time()
     out = Path(cfg.out)
     chars_list = parse_chars(cfg.chars)
