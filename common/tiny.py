@@ -31,6 +31,23 @@ def save_tiny_mixtral(out: str | Path, *, seed: int = 0, max_shard_size: str | i
     return Path(out)
 
 
+def save_tiny_mistral(out: str | Path, *, vocab_size: int = 131072, seed: int = 0, hidden: int = 32,
+                      max_shard_size: str | int = "8MB", dtype: str = "float32", bos_token_id: int = 1,
+                      eos_token_id: int = 2) -> Path:
+    """A tiny dense Mistral (MistralForCausalLM, the architecture of Mistral-Nemo), untied, 2 layers; its
+    vocabulary defaults to tekken's 131,072 ids."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MistralConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=4096,
+                        tie_word_embeddings=False, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+    model = MistralForCausalLM(cfg).to(getattr(torch, dtype))
+    model.save_pretrained(out, max_shard_size=max_shard_size, safe_serialization=True)
+    return Path(out)
+
+
 def save_tiny_llama_tied(out: str | Path, *, vocab_size: int = 32000, seed: int = 0,
                          max_shard_size: str | int = "1MB", dtype: str = "float32") -> Path:
     """A tiny Llama with `tie_word_embeddings=True` (one matrix for embed_tokens and lm_head)."""

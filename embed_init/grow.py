@@ -21,7 +21,7 @@ from common.rerun import guard
 from common.io import (MANIFEST, atomic_path, atomic_write_json, file_sha256, is_complete, read_manifest,
                        remove_stale_temps, write_manifest)
 from embed_init.config import EmbedInitConfig
-from embed_init.tokens import SPECIAL, SurfaceEncoder, TokenizerPieces, check_extends, load_pieces
+from embed_init.tokens import SPECIAL, TokenizerPieces, check_extends, load_pieces, surface_encoder
 
 EMBED_NAMES = ("model.embed_tokens.weight",)
 LM_HEAD_NAMES = ("lm_head.weight",)
@@ -67,7 +67,7 @@ def new_shard_name(ckpt: Checkpoint) -> str:
 
 def surface_sources(old: TokenizerPieces, new: TokenizerPieces) -> list[list[int]]:
     """For each new id (len(old)..len(new)-1): the old ids its surface text encodes to ([] = special/none)."""
-    enc = SurfaceEncoder(old)
+    enc = surface_encoder(old)
     return [enc.encode(new.surface(i)) for i in range(len(old), len(new))]
 
 
@@ -147,6 +147,12 @@ def fill_new_rows(new, n_old: int, n_new: int, method: str, sources: list[list[i
 def write_tokenizer(new_tokenizer: str | Path, out: Path) -> list[str]:
     """Put the new tokenizer into `out` as a HF folder (copy a folder; convert a bare .model)."""
     src = Path(new_tokenizer)
+    if src.is_file() and src.suffix == ".json":  # a tokenizer.json or a tekken JSON (byte-level BPE)
+        from common.bytelevel import load_bytelevel, write_hf_folder
+
+        tok = load_bytelevel(src)
+        return write_hf_folder(out, tok.data, tok.config or {"tokenizer_class": "PreTrainedTokenizerFast"},
+                               tok.special_map)
     if src.is_dir():
         names = []
         for p in sorted(src.iterdir()):
@@ -172,8 +178,11 @@ def write_tokenizer(new_tokenizer: str | Path, out: Path) -> list[str]:
 
 
 def _spm_sha256(path: str | Path) -> str:
+    """sha256 of the tokenizer's defining file: tokenizer.model, else (byte-level) tokenizer.json."""
     p = Path(path)
-    return file_sha256(p / "tokenizer.model" if p.is_dir() else p)
+    if p.is_dir():
+        p = p / "tokenizer.model" if (p / "tokenizer.model").exists() else p / "tokenizer.json"
+    return file_sha256(p)
 
 
 def grow_embeddings(cfg: EmbedInitConfig) -> Path:

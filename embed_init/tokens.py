@@ -2,7 +2,10 @@
 
 A tokenizer argument is a SentencePiece `.model` or a Hugging Face folder holding `tokenizer.model`
 (what `graft vocab merge` writes); tokens that the folder's `tokenizer.json` adds after the SentencePiece
-pieces (added tokens) are read too.
+pieces (added tokens) are read too. A byte-level BPE (a folder or tokenizer.json without tokenizer.model, or
+Mistral's tekken JSON) is read from its tokenizer.json: see `load_bytelevel_pieces` and
+`ByteLevelSurfaceEncoder` (a new token's surface is its bytes; text is split by the old tokenizer without
+BOS/EOS, partial characters by its BPE model alone).
 
 Surface text of a new piece (what the model would have read before the vocabulary grew):
 - a normal piece: its text with "▁" turned into a space;
@@ -40,19 +43,24 @@ class TokenizerPieces:
     path: Path
     pieces: list[str]
     kinds: list[str]
-    proto: Any = field(repr=False)            # sentencepiece ModelProto
-    added: dict[int, str] = field(default_factory=dict)  # ids beyond the SentencePiece model
+    proto: Any = field(repr=False)            # sentencepiece ModelProto (None for a byte-level BPE)
+    added: dict[int, str] = field(default_factory=dict)  # ids beyond the SentencePiece model / added tokens
+    bytelevel: Any = field(default=None, repr=False)     # common.bytelevel.ByteLevelTokenizer
 
     def __len__(self) -> int:
         return len(self.pieces)
 
     def surface(self, i: int) -> str | bytes | None:
-        """The text (str), single byte (bytes) or None (special) that id `i` stands for."""
+        """The text (str), bytes (a single byte piece, or a byte-level token) or None (special) of id `i`."""
         kind, piece = self.kinds[i], self.pieces[i]
         if kind == SPECIAL:
             return None
         if kind == BYTES:
             return bytes([int(_BYTE_RE.match(piece).group(1), 16)])
+        if self.bytelevel is not None:
+            from common.bytelevel import from_bytelevel
+
+            return piece if i in self.added else from_bytelevel(piece)
         return piece if i in self.added else piece.replace(SPACE, " ")
 
 
@@ -78,9 +86,44 @@ def _added_tokens(folder: Path) -> dict[int, tuple[str, bool]]:
     return found
 
 
-def load_pieces(path: str | Path) -> TokenizerPieces:
-    """Read a tokenizer's pieces from a .model file or a HF folder with tokenizer.model."""
+def load_bytelevel_pieces(path: str | Path) -> TokenizerPieces:
+    """The ids of a byte-level BPE (HF folder, tokenizer.json or tekken JSON): vocabulary tokens are "normal"
+    (their surface is their bytes), added tokens are "special" when flagged so, else "normal" with their text."""
+    from common.bytelevel import load_bytelevel
+
     path = Path(path)
+    tok = load_bytelevel(path)
+    n = tok.size()
+    pieces: list[str | None] = [None] * n
+    kinds = [NORMAL] * n
+    for t, i in tok.vocab.items():
+        pieces[i] = t
+    added: dict[int, str] = {}
+    for t in tok.added_tokens:
+        i = int(t["id"])
+        pieces[i] = t["content"]
+        if t.get("special"):
+            kinds[i] = SPECIAL
+        elif tok.vocab.get(t["content"]) != i:
+            added[i] = t["content"]
+    missing = [i for i, p in enumerate(pieces) if p is None]
+    if missing:
+        raise input_error(tok.file, f"{len(missing)} ids between 0 and {n - 1} have no token (first {missing[0]})",
+                          "re-save the tokenizer with save_pretrained (ids must be contiguous)")
+    return TokenizerPieces(path, pieces, kinds, None, added, tok)  # type: ignore[arg-type]
+
+
+def _is_bytelevel(path: Path) -> bool:
+    return (path.is_dir() and not (path / "tokenizer.model").exists() and (path / HF_FILE).is_file()) or \
+        (path.is_file() and path.suffix == ".json")
+
+
+def load_pieces(path: str | Path) -> TokenizerPieces:
+    """Read a tokenizer's pieces from a .model file or a HF folder with tokenizer.model; or from a byte-level BPE
+    (a HF folder or tokenizer.json without tokenizer.model, or Mistral's tekken JSON)."""
+    path = Path(path)
+    if _is_bytelevel(path):
+        return load_bytelevel_pieces(path)
     proto = load_model_proto(path)
     pieces, kinds = [], []
     for p in proto.pieces:
@@ -109,6 +152,28 @@ def load_pieces(path: str | Path) -> TokenizerPieces:
             kinds.append(SPECIAL if special else NORMAL)
             added[i] = content
     return TokenizerPieces(path, pieces, kinds, proto, added)
+
+
+class ByteLevelSurfaceEncoder:
+    """Encodes a surface with an OLD byte-level BPE: text through the whole tokenizer without BOS/EOS (its
+    normalizer, pre-tokenizer, added tokens and BPE); bytes that are not whole UTF-8 text (a new token holding
+    part of a character) through its BPE model alone, on their byte-level string."""
+
+    def __init__(self, old: TokenizerPieces):
+        self.tok = old.bytelevel.tokenizer()
+
+    def encode(self, surface: str | bytes | None) -> list[int]:
+        from common.bytelevel import to_bytelevel
+
+        if surface is None:
+            return []
+        if isinstance(surface, bytes):
+            try:
+                surface = surface.decode("utf-8")
+            except UnicodeDecodeError:
+                ids = [self.tok.token_to_id(t.value) for t in self.tok.model.tokenize(to_bytelevel(surface))]
+                return [i for i in ids if i is not None]
+        return self.tok.encode(surface, add_special_tokens=False).ids
 
 
 class SurfaceEncoder:
@@ -143,6 +208,11 @@ class SurfaceEncoder:
         if surface in self.added:
             return [self.added[surface]]
         return [i for i in self.sp.encode(surface) if i != self.unk_id]
+
+
+def surface_encoder(old: TokenizerPieces) -> SurfaceEncoder | ByteLevelSurfaceEncoder:
+    """The encoder for `old`'s kind of tokenizer."""
+    return ByteLevelSurfaceEncoder(old) if old.bytelevel is not None else SurfaceEncoder(old)
 
 
 def check_extends(old: TokenizerPieces, new: TokenizerPieces) -> None:
