@@ -139,6 +139,40 @@ def _fsdp_units(accelerator, model, compute_dtype) -> None:
     plugin.set_mixed_precision(compute_dtype, buffer_autocast=True, override=True)
 
 
+def save_adapter_weights(model, folder: Path, state_dict=None) -> None:
+    """The peft adapter files of `model` (a PeftModel, maybe holding FSDP units) into `folder`.
+
+    peft 0.21.2 finds an adapter's weights by module names and strips `_fsdp_wrapped_module.` only where a name
+    starts with it; under FSDP's per-layer units it sits in the middle (`layers.0._fsdp_wrapped_module.self_attn`),
+    and save_pretrained silently left out every LoRA weight (seen on an H200: the adapter held only the embedding
+    copies). So while it saves, peft sees the plain module names, which the gathered `state_dict` uses too."""
+    plain = model.named_modules
+
+    def named_modules(*args, **kwargs):
+        for name, module in plain(*args, **kwargs):
+            yield name.replace("_fsdp_wrapped_module.", ""), module
+
+    model.named_modules = named_modules  # this instance only, for the duration of the save
+    try:
+        # Embedding weights are saved through modules_to_save / trainable_token_indices only; "auto" would add a
+        # full copy of both matrices in new-rows mode, defeating its purpose.
+        model.save_pretrained(str(folder), save_embedding_layers=False, state_dict=state_dict)
+    finally:
+        del model.named_modules
+
+
+def _fsdp_trained_weights(model, raw_model) -> dict:
+    """The trained weights, gathered whole (every process takes part). FSDP's own full state dict cannot be used:
+    it expects the frozen `original_module` weight that peft's modules_to_save leaves beside the trained copy
+    (measured on an H200: AssertionError "FSDP assumes ...embed_tokens.original_module.weight is in the
+    state_dict")."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with FSDP.summon_full_params(model, writeback=False):
+        return {n.replace("_fsdp_wrapped_module.", ""): p.detach().cpu().clone()
+                for n, p in raw_model.named_parameters() if p.requires_grad}
+
+
 def _make_accelerator(cfg: TrainConfig, launch: dict | None):
     """The Accelerator for this process. DeepSpeed gets a config generated from the train config; on a machine
     without GPUs it runs on DeepSpeed's CPU accelerator (gloo). FSDP needs GPUs (accelerate enables it only for
@@ -365,7 +399,8 @@ def train(cfg: TrainConfig) -> Path:
 
     accelerator.wait_for_everyone()
     # Under ZeRO-3/FSDP the parameters are sharded: gather a full state dict (every process takes part).
-    full_state = accelerator.get_state_dict(model) if (fsdp or zero3) else None
+    full_state = (_fsdp_trained_weights(model, raw_model) if fsdp else
+                  accelerator.get_state_dict(model) if zero3 else None)
     if main:
         _save_adapter(out, raw_model, tokenizer, cfg, vocab_size, new_rows_start, full_state)
         write_manifest(out, stage="continual.train", config=cfg,
@@ -383,9 +418,7 @@ def _save_adapter(out: Path, model, tokenizer, cfg: TrainConfig, vocab_size: int
                   state_dict=None) -> None:
     """OUT/adapter: peft adapter (+ trained embeddings), tokenizer, and what `graft merge` checks."""
     with atomic_path(out / ADAPTER_DIR) as tmp:
-        # Embedding weights are saved through modules_to_save / trainable_token_indices only; "auto" would add a
-        # full copy of both matrices in new-rows mode, defeating its purpose.
-        model.save_pretrained(str(tmp), save_embedding_layers=False, state_dict=state_dict)
+        save_adapter_weights(model, tmp, state_dict)
         tokenizer.save_pretrained(str(tmp))
         atomic_write_json(tmp / ADAPTER_INFO, {
             "base": str(Path(cfg.model).resolve()), "base_fingerprint": base_fingerprint(cfg.model),

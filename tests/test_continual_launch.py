@@ -364,3 +364,49 @@ def test_fsdp_on_cpu_is_refused_before_the_model_loads(moe_ws, tmp_path):
     assert res.returncode != 0
     assert "the launch config asks for FSDP, but this machine has no GPU" in res.stderr
     assert "Loading checkpoint shards" not in res.stderr and not (tmp_path / "o").exists()
+
+
+# FSDP itself runs on CPU (gloo, one process) when wrapped by hand; only accelerate refuses it there. Enough to
+# check what the GPU run showed: peft's save_pretrained under FSDP's per-layer units.
+_FSDP_SAVE = """import sys, torch, torch.distributed as dist
+from safetensors.torch import save_file
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=0, world_size=1)
+from transformers import MixtralConfig, MixtralForCausalLM
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from peft.utils.other import fsdp_auto_wrap_policy
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from continual.train import _fsdp_trained_weights, save_adapter_weights
+torch.manual_seed(0)
+cfg = MixtralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, num_local_experts=4)
+model = get_peft_model(MixtralForCausalLM(cfg), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "w1", "w2", "w3"],
+                                                           modules_to_save=["embed_tokens", "lm_head"]))
+with torch.no_grad():
+    for p in model.parameters():
+        if p.requires_grad:
+            p.normal_()  # LoRA B starts at zero: make every trained weight distinct
+plain = get_peft_model_state_dict(model, save_embedding_layers=False)
+save_file({k: v.contiguous() for k, v in plain.items()}, sys.argv[1] + "/plain.safetensors")
+wrapped = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=True, device_id=torch.device("cpu"))
+save_adapter_weights(model, sys.argv[1] + "/fsdp", _fsdp_trained_weights(wrapped, model))
+"""
+
+
+def test_fsdp_adapter_holds_every_trained_weight(tmp_path):
+    """On the H200 the FSDP run's adapter held only the two embedding copies: peft 0.21.2 strips FSDP's module-name
+    prefix only at the start of a name, so every LoRA weight under a decoder-layer unit was left out, silently."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    script = tmp_path / "fsdp_save.py"
+    script.write_text(_FSDP_SAVE)
+    res = subprocess.run([sys.executable, str(script), str(tmp_path), str(_free_port())], capture_output=True,
+                         text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr[-3000:]
+    plain = load_file(str(tmp_path / "plain.safetensors"))
+    saved = load_file(str(tmp_path / "fsdp" / "adapter_model.safetensors"))
+    assert len(plain) == 2 * (2 * (2 + 3 * 4)) + 2  # A and B of q/v and 4 experts' w1-w3, 2 layers; 2 embeddings
+    assert saved.keys() == plain.keys()
+    assert all(torch.equal(saved[k], plain[k]) for k in plain)
