@@ -6,6 +6,8 @@
 # bench_gpu_train.json and bench_gpu_train.md.
 #   bash benchmarks/gpu_session.sh                      # both parts
 #   PARTS=bench ONLY="full-gc" bash benchmarks/gpu_session.sh
+#   PARTS=tests TESTS_K=fsdp bash benchmarks/gpu_session.sh
+# Both parts take about 9 minutes on one H200 (tests ~5, bench ~5): run them in two calls.
 set -u
 OUT=${OUT:-/tmp/gpu_session}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -23,8 +25,10 @@ for part in $PARTS; do
   s=$(date +%s)
   case $part in
     tests)
-      GRAFT_TEST_WS=$PWD/.gpu/ws GRAFT_GPU_REPORT=$OUT/engines.jsonl timeout "${TESTS_S:-260}" \
-        python3 -m pytest -q -rA -p no:cacheprovider --timeout 240 tests/test_continual_gpu.py > "$OUT/tests.log" 2>&1
+      # -v and a per-test timeout under the part's: each result (or a timed-out test's stacks) reaches the log
+      GRAFT_TEST_WS=$PWD/.gpu/ws GRAFT_GPU_REPORT=$OUT/engines.jsonl timeout "${TESTS_S:-360}" \
+        python3 -u -m pytest -v -rA -p no:cacheprovider --timeout "${TEST_TIMEOUT_S:-150}" \
+        tests/test_continual_gpu.py ${TESTS_K:+-k "$TESTS_K"} > "$OUT/tests.log" 2>&1
       echo "tests rc=$? in $(( $(date +%s) - s )) s"; grep -E "passed|failed|^(PASSED|FAILED|ERROR)" "$OUT/tests.log" | tail -8
       cat "$OUT/engines.jsonl" 2>/dev/null ;;
     bench)
