@@ -4,6 +4,8 @@ Candidates that share a `chars` value are nested (each is the largest one cut to
 so each group is tokenized once, with its largest candidate, and the counts of the others are
 derived by replaying merge ranks (analysis/nested.py). Candidates that are not nested are
 tokenized on their own (column `method`: "nested" or "direct"). Formulas: analysis/alp.py.
+Candidates of a byte-level base (base + first N new merges; `chars` is 0 there) are nested the same
+way, by splitting new tokens back into their merge parts (analysis/nested_bytelevel.py).
 """
 from __future__ import annotations
 
@@ -43,8 +45,10 @@ class ScoreConfig:
     corpus: list[str] = field(metadata={"help": "evaluation text: files or globs (.jsonl[.gz|.zst], .parquet, .txt[.gz])", "metavar": "FILE", "split": False})
     out: str = field(metadata={"help": "output folder", "metavar": "DIR"})
     samples: int = field(default=1_000_000, metadata={"help": "lines sampled for ALP (VoCapXLM's n_sample)"})
-    base: str | None = field(default=None, metadata={"help": "base tokenizer (.model, tokenizer.json or HF folder) "
-                                                             "for the token-count ratio column", "metavar": "PATH"})
+    base: str | None = field(default=None, metadata={"help": "base tokenizer (.model, tokenizer.json, tekken JSON or "
+                                                             "HF folder) for the token-count ratio column; byte-level "
+                                                             "candidates continue it (default: the base recorded by "
+                                                             "vocab train)", "metavar": "PATH"})
     seed: int = field(default=1, metadata={"help": "shuffle seed of the sample (VoCapXLM uses 1)"})
     nested: bool = field(default=True, metadata={"help": "derive nested candidates from one tokenization per "
                                                          "--chars value (--no-nested tokenizes every candidate)"})
@@ -89,6 +93,14 @@ def read_candidates(candidates_dir: str | Path) -> list[dict[str, Any]]:
     entries = manifest.get("candidates") if isinstance(manifest, dict) else None
     if not entries:
         raise input_error(manifest_path, "lists no candidates", "re-run `graft vocab train`")
+    if manifest.get("kind") == "bytelevel":  # candidates of a byte-level base: sizes only (chars 0)
+        out = []
+        for e in entries:
+            path = (root / str(e.get("path"))).resolve()
+            if not path.is_file():
+                raise input_error(path, "candidate listed in manifest.json is missing", "re-run `graft vocab train`")
+            out.append({"chars": 0, "size": int(e["size"]), "path": str(path), "kind": "bytelevel"})
+        return sorted(out, key=lambda c: c["size"])
     out = []
     for e in entries:
         try:
@@ -266,6 +278,11 @@ def score_group(cands: list[dict[str, Any]], sample: Sample, *, nested: bool, th
 def score_rows(cfg: ScoreConfig, sample: Sample, candidates: list[dict[str, Any]]) -> tuple[list[dict], dict | None]:
     """(rows sorted by chars, size; base figures or None)."""
     rows: list[dict[str, Any]] = []
+    if candidates and candidates[0].get("kind") == "bytelevel":
+        from analysis.nested_bytelevel import score_bytelevel
+
+        rows = score_bytelevel(candidates, sample, nested=cfg.nested, base_path=cfg.base, progress=cfg.progress)
+        candidates = []
     for _, group in itertools.groupby(candidates, key=lambda c: c["chars"]):
         rows.extend(score_group(list(group), sample, nested=cfg.nested, threads=cfg.threads,
                                 progress=cfg.progress))

@@ -3,8 +3,9 @@
 - `load_sentencepiece(path)`: a SentencePiece `.model`, or a folder holding `tokenizer.model`.
 - `load_model_proto(path)`: the same file as a `ModelProto` (pieces, scores, types, trainer/normalizer specs).
 - `load_fast_tokenizer(path)`: a `tokenizers.Tokenizer` from a Hugging Face folder (`tokenizer.json`),
-  a `tokenizer.json` file, or a SentencePiece BPE `.model` converted with `sentencepiece_to_fast`,
-  which is exactly the conversion `graft vocab merge` writes into `tokenizer.json`.
+  a `tokenizer.json` file, Mistral's tekken JSON (converted by common/bytelevel.py), or a SentencePiece
+  BPE `.model` converted with `sentencepiece_to_fast`, which is exactly the conversion `graft vocab merge`
+  writes into `tokenizer.json`.
 
 The conversion follows transformers 4.57's `LlamaConverter` in its legacy mode (the mode of Mixtral's
 own `tokenizer.json`): the normalizer prepends "▁" and maps " " to "▁", the BPE model has byte fallback,
@@ -155,6 +156,10 @@ def load_fast_tokenizer(path: str | Path) -> Any:
         raise input_error(path, "file not found", "check the path")
     if path.is_file() and path.suffix == ".json":
         data = _read_bytes(path)  # read once: its errors name the file
+        if b'"token_bytes"' in data[:65536] and b'"config"' in data[:65536]:  # Mistral's tekken file
+            from common.bytelevel import tekken_to_tokenizer
+
+            return tekken_to_tokenizer(path)[0]
         try:
             return Tokenizer.from_str(data.decode("utf-8"))
         except Exception as e:
