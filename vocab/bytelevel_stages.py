@@ -208,7 +208,7 @@ def merge_bytelevel(cfg: Any, rerun: dict) -> Path:
                          f"{[token_text(t) for v in bad.values() for t in v][:5]}). Fix: report this with {add_path}")
     config, special_map = _hf_configs(base, special, first + len(plan.merges))
     out = Path(cfg.out)
-    counts = dict(plan.counts, base_vocab_size=base.size(), base_merges=len(base.merges),
+    counts = dict(plan.counts, base_vocab_size=base.size(), base_pieces=base.size(), base_merges=len(base.merges),
                   vocab_size=first + len(plan.merges) + len(special), added_total=len(plan.merges),
                   special_added=len(special), special_skipped_existing=len(special_skipped),
                   unreachable_merges=0, unreachable_text=0, partial_character_tokens=sum(

@@ -48,9 +48,10 @@ def pick_stage(cfg: PickStageConfig) -> Path:
     out = Path(cfg.out)
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
-        shutil.copyfile(src, tmp / "chosen.model")
+        name = "chosen" + (src.suffix or ".model")  # chosen.model, or chosen.json for a byte-level candidate
+        shutil.copyfile(src, tmp / name)
         pick["source"] = str(src)
-        pick["path"] = str((out / "chosen.model").resolve())
+        pick["path"] = str((out / name).resolve())
         print(f"pick: chars {pick['chars']}, size {pick['size']} (knee {result['knee']['method']} at "
               f"{result['knee']['size']}) -> {pick['path']}")
         write_manifest(tmp, stage="vocab.pick", config=cfg, started=started, inputs={"scores": cfg.scores},
