@@ -66,7 +66,9 @@ def save_tiny_llama_tied(out: str | Path, *, vocab_size: int = 32000, seed: int 
 def save_tiny_bytelevel_tokenizer(out: str | Path, texts, *, vocab_size: int = 1000, style: str = "qwen") -> Path:
     """A small byte-level BPE tokenizer folder trained on `texts`, shaped like a real family's tokenizer.json:
     "qwen" (NFC normalizer, Split regex + ByteLevel(use_regex=False), ignore_merges off, <|endoftext|> and
-    <|im_start|>/<|im_end|> added after the BPE ids) or "gpt2" (ByteLevel(use_regex=True), <|endoftext|>)."""
+    <|im_start|>/<|im_end|> added after the BPE ids), "llama3" (Llama-3's regex, ignore_merges on, 8 special
+    tokens after the BPE ids, BOS <|begin_of_text|> added by the post-processor) or "gpt2" (ByteLevel(use_regex=True),
+    <|endoftext|>)."""
     import json
 
     from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
@@ -84,6 +86,13 @@ def save_tiny_bytelevel_tokenizer(out: str | Path, texts, *, vocab_size: int = 1
             pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    elif style == "llama3":
+        pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                   r"\s*[\r\n]+|\s+(?!\S)|\s+")
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        specials = ["<|begin_of_text|>", "<|end_of_text|>"] + [f"<|reserved_special_token_{i}|>" for i in range(6)]
     elif style == "gpt2":
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         specials = ["<|endoftext|>"]
@@ -95,11 +104,19 @@ def save_tiny_bytelevel_tokenizer(out: str | Path, texts, *, vocab_size: int = 1
                          show_progress=False)
     tok.train_from_iterator(list(texts), trainer)
     tok.add_special_tokens(specials)  # after the BPE ids, like Qwen2's and Llama-3's special tokens
+    if style == "llama3":
+        tok.model.ignore_merges = True
+        bos = "<|begin_of_text|>"
+        tok.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                          special_tokens=[(bos, tok.token_to_id(bos))])])
+        special_map = {"bos_token": bos, "eos_token": "<|end_of_text|>"}
+    else:
+        special_map = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
     tok.save(str(out / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "bos_token": None,
-              "unk_token": None, "pad_token": "<|endoftext|>", "clean_up_tokenization_spaces": False,
-              "model_max_length": 32768}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "unk_token": None,
+              "clean_up_tokenization_spaces": False, "model_max_length": 32768, **special_map}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    (out / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|endoftext|>",
-                                                             "pad_token": "<|endoftext|>"}), encoding="utf-8")
+    (out / "special_tokens_map.json").write_text(json.dumps(special_map), encoding="utf-8")
     return out

@@ -29,7 +29,8 @@ def test_readme_cli_examples_run(tmp_path):
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = ROOT / "runs" / "readme"
-    for stage in ("cands", "scores", "tok", "audit", "grown", "prep_news", "mix", "train", "merged"):
+    for stage in ("cands", "scores", "tok", "audit", "grown", "prep_news", "mix", "train", "merged",
+                  "nemo_tok", "nemo_cands", "nemo_scores", "nemo_graft", "nemo_audit", "nemo_grown"):
         assert json.loads((runs / stage / "manifest.json").read_text())["status"] == "done", stage
     assert (runs / "train.sbatch").read_text().startswith("#!")
     assert "accelerate launch" in proc.stdout

@@ -36,7 +36,7 @@ def tiny_bases(tmp_path_factory, english_paragraphs):
 
     d = tmp_path_factory.mktemp("bl_bases")
     return {style: save_tiny_bytelevel_tokenizer(d / style, english_paragraphs[:2000], vocab_size=1500, style=style)
-            for style in ("qwen", "gpt2")}
+            for style in ("qwen", "gpt2", "llama3")}
 
 
 @pytest.fixture(scope="module")
@@ -115,11 +115,12 @@ def test_check_passes_on_tekken_graft(tekken_path, tekken_graft, corpora):
     assert r["tokens_per_char"]["target"]["token_reduction"] > 0.2
 
 
-@pytest.mark.parametrize("style", ["qwen", "gpt2"])
-def test_graft_on_tiny_qwen_and_gpt2_shaped_bases(tmp_path, tiny_bases, corpora, style):
+@pytest.mark.parametrize("style", ["qwen", "gpt2", "llama3"])
+def test_graft_on_tiny_qwen_gpt2_and_llama3_shaped_bases(tmp_path, tiny_bases, corpora, style):
     """These bases know no Chinese at all (trained on English): every Han character is 3 byte tokens, so the new
-    merges must build characters from partial-character tokens; ignore_merges is off, so reachability is by
-    merges only."""
+    merges must build characters from partial-character tokens. Qwen2 and GPT-2 shapes have ignore_merges off
+    (reachability by merges only); the Llama-3 shape has it on, special tokens after the BPE ids and a BOS
+    post-processor."""
     base = tiny_bases[style]
     cands = _train(tmp_path, base, [corpora["zh"]], "1500")
     tok = merge_into_base(MergeConfig(base=str(base), add=str(cands / "candidates/added1500.json"),
@@ -132,10 +133,18 @@ def test_graft_on_tiny_qwen_and_gpt2_shaped_bases(tmp_path, tiny_bases, corpora,
     assert r["tokens_per_char"]["target"]["token_reduction"] > 0.5
     merged = load_bytelevel(tok).tokenizer()
     base_tok = load_bytelevel(base).tokenizer()
-    eot = base_tok.token_to_id("<|endoftext|>")
-    assert merged.token_to_id("<|endoftext|>") == eot == 1500  # special tokens after the BPE ids keep their ids
+    eot = base_tok.token_to_id("<|endoftext|>" if style != "llama3" else "<|end_of_text|>")
+    assert merged.token_to_id("<|endoftext|>" if style != "llama3" else "<|end_of_text|>") == eot  # specials keep ids
+    assert eot == (1500 if style != "llama3" else 1501)
     first = 1500 + len(load_bytelevel(base).added_tokens)  # the new BPE tokens, then --special ones not in the base
-    assert merged.token_to_id("<tool>") == first + 1500 + (1 if style == "gpt2" else 0)
+    assert merged.token_to_id("<tool>") == first + 1500 + (0 if style == "qwen" else 1)
+    if style == "llama3":
+        bos = base_tok.token_to_id("<|begin_of_text|>")
+        assert merged.encode("中文 text").ids[0] == bos == 1500 and merged.token_to_id("<|reserved_special_token_5|>") == 1507
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(str(tok), local_files_only=True)
+        assert hf.bos_token_id == 1500 and hf("中文")["input_ids"][0] == 1500
 
 
 def _tamper(src: Path, dst: Path, edit) -> Path:
