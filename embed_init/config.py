@@ -3,7 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-METHODS = ("mean", "hf-mean", "random")
+# Methods for new rows. Every one works from the old rows only (shard by shard, no forward pass).
+INPUT_METHODS = ("mean", "hf-mean", "random", "first-last", "weighted-mean", "interpolation")
+OUTPUT_ONLY_METHODS = ("prefix-share",)
+OUTPUT_METHODS = INPUT_METHODS + OUTPUT_ONLY_METHODS
+METHODS = INPUT_METHODS  # kept for callers of the earlier name
+# The lm_head method used when --output-method is left empty on an untied model (chosen by
+# benchmarks/bench_embed_quality.py; see docs/embed_init.md); None = --method. A tied model has one matrix: --method.
+DEFAULT_OUTPUT_METHOD: str | None = None
 
 
 @dataclass
@@ -16,15 +23,28 @@ class EmbedInitConfig:
     copies the new tokenizer, so the output loads with AutoModelForCausalLM / AutoTokenizer.from_pretrained.
     A single-file model.safetensors is rewritten as one file.
 
-    Methods for each new row:
-      mean     mean (in fp32) of the old rows of the pieces the OLD tokenizer splits the token's surface
-               text into, without BOS/EOS and without the dummy-prefix space; separately for lm_head
-               when it is untied. Special tokens get the mean of all old rows.
-      hf-mean  transformers' mean_resizing: a sample from N(mean of old rows, 1e-9 * their covariance).
-      random   N(0, initializer_range) from config.json.
+    --method sets the new embed_tokens rows, --output-method the new lm_head rows (default: as --method;
+    a tied model has one matrix, set by --method). "Pieces" are the old ids the OLD
+    tokenizer splits a new token's surface text into (no BOS/EOS, no dummy-prefix space); every row is
+    computed in fp32 from the same matrix's old rows. Special tokens (no pieces) get the mean of all old rows.
+      mean           mean of the pieces' rows.
+      hf-mean        transformers' mean_resizing: a sample from N(mean of old rows, 1e-9 * their covariance).
+      random         N(0, initializer_range) from config.json.
+      first-last     mergekit tokensurgeon's first_last: embed_tokens takes the LAST piece's row, lm_head
+                     the FIRST piece's.
+      weighted-mean  pieces weighted 1..n towards the last piece (embed_tokens) or the first (lm_head).
+      interpolation  unsloth's: (1 - a) * mean of all old rows + a * mean of the pieces' rows (a: --interpolation).
+      prefix-share   (lm_head only) the first piece's row moved towards the mean of all old rows by
+                     t = min(1, ln(k + 1) / (0.5 * ln V)), k = new tokens with the same first piece, V = old
+                     vocabulary: wherever that piece has probability >= 1/sqrt(V) among the old ids, each of
+                     the k new tokens scores at most 1/(k + 1) of the piece's probability, so together they
+                     never take more than the piece had.
+    Padding rows (--pad-to-multiple-of) are the mean of the old rows in embed_tokens and 4x that mean in
+    lm_head (a tied matrix too): their logit is 4x the mean old logit, so they take no probability.
 
     Example:
       graft embed init --model base/ --old-tokenizer base/ --new-tokenizer merged_tok/ --out grown/
+      graft embed init ... --method mean --output-method first-last
     """
     model: str = field(metadata={"help": "Hugging Face checkpoint folder (config.json + *.safetensors)"})
     old_tokenizer: str = field(metadata={"help": "the model's tokenizer: a SentencePiece .model or a HF folder "
@@ -32,7 +52,14 @@ class EmbedInitConfig:
     new_tokenizer: str = field(metadata={"help": "the extended tokenizer (.model or HF folder, e.g. from "
                                                  "`graft vocab merge`); its first pieces must equal the old ones"})
     out: str = field(metadata={"help": "output checkpoint folder (written atomically)"})
-    method: str = field(default="mean", metadata={"help": "how new rows are initialised: mean | hf-mean | random"})
+    method: str = field(default="mean", metadata={
+        "help": "how new embed_tokens rows are initialised (and lm_head's when tied): " + " | ".join(INPUT_METHODS)})
+    output_method: str = field(default="", metadata={
+        "help": "how new lm_head rows are initialised: " + " | ".join(OUTPUT_METHODS) + "; empty = "
+                f"{DEFAULT_OUTPUT_METHOD or '--method'} on an untied model, --method on a tied one (one matrix)"})
+    interpolation: float = field(default=0.5, metadata={
+        "help": "weight a of the pieces' mean for method interpolation: (1 - a) * mean of all old rows + a * "
+                "mean of the pieces' rows (unsloth's default 0.5)"})
     pad_to_multiple_of: int = field(default=0, metadata={
         "help": "pad the matrices to a multiple of N rows (e.g. 64 for tensor cores); padding rows are the "
                 "mean of the old rows and config.vocab_size becomes the padded size. 0 = no padding"})
@@ -47,9 +74,17 @@ class EmbedInitConfig:
         from common.errors import GraftError
         from common.validate import check_ranges
 
-        if self.method not in METHODS:
-            raise GraftError(f"--method {self.method!r} is not one of {', '.join(METHODS)}. Fix: pick one of them")
-        check_ranges(self, {"pad_to_multiple_of": ">=0"})
+        if self.method in OUTPUT_ONLY_METHODS:
+            raise GraftError(f"--method {self.method!r} sets lm_head rows only (it shares an old piece's output "
+                             f"probability). Fix: pass it as --output-method {self.method} and pick --method from "
+                             f"{', '.join(INPUT_METHODS)}")
+        if self.method not in INPUT_METHODS:
+            raise GraftError(f"--method {self.method!r} is not one of {', '.join(INPUT_METHODS)}. "
+                             "Fix: pick one of them")
+        if self.output_method and self.output_method not in OUTPUT_METHODS:
+            raise GraftError(f"--output-method {self.output_method!r} is not one of {', '.join(OUTPUT_METHODS)}. "
+                             "Fix: pick one of them, or leave it empty for the default")
+        check_ranges(self, {"pad_to_multiple_of": ">=0", "interpolation": "[0,1]"})
 
 
 @dataclass

@@ -8,6 +8,7 @@ stays a single `model.safetensors`: transformers prefers that file over an index
 """
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from collections import Counter
@@ -20,7 +21,7 @@ from common.errors import input_error
 from common.rerun import guard
 from common.io import (MANIFEST, atomic_path, atomic_write_json, file_sha256, is_complete, read_manifest,
                        remove_stale_temps, write_manifest)
-from embed_init.config import EmbedInitConfig
+from embed_init.config import DEFAULT_OUTPUT_METHOD, OUTPUT_ONLY_METHODS, EmbedInitConfig
 from embed_init.tokens import SPECIAL, TokenizerPieces, check_extends, load_pieces, surface_encoder
 
 EMBED_NAMES = ("model.embed_tokens.weight",)
@@ -92,14 +93,50 @@ def _covariance(old, mean, chunk: int = _CHUNK_ROWS):
     return cov / old.shape[0]
 
 
+PAD_SCALE = 4.0  # output padding rows = PAD_SCALE * mean of the old rows (see fill_new_rows)
+
+
+def prefix_share_weights(sources: list[list[int]], n_old: int) -> list[float | None]:
+    """For `prefix-share`: per new id, how far its row moves from its first piece's towards the mean old row.
+
+    t = min(1, ln(k + 1) / (0.5 * ln n_old)), k = number of new ids whose pieces start with the same old id
+    (None for a new id without pieces). Why: the logit of a row (1 - t) * w_f + t * w_mean is
+    (1 - t) * l_f + t * l_mean, and l_mean (the mean old logit) <= ln(Z_old / n_old) by Jensen, so where the
+    first piece f has probability p_f >= n_old ** -0.5 among the old ids, l_f - l_mean >= 0.5 * ln n_old and
+    each new row scores at most l_f - ln(k + 1): the k new ids starting with f take at most k / (k + 1) of p_f.
+    """
+    first = Counter(ids[0] for ids in sources if ids)
+    scale = 0.5 * math.log(n_old)
+    return [min(1.0, math.log(first[ids[0]] + 1) / scale) if ids else None for ids in sources]
+
+
+def piece_weights(ids: list[int], method: str, output: bool) -> list[float]:
+    """Weights of a new id's pieces (in order) for the subword methods; they sum to 1."""
+    n = len(ids)
+    if n == 0:
+        return []
+    if method == "first-last":  # tokensurgeon: embed_tokens <- last piece, lm_head <- first piece
+        return [1.0 if k == (0 if output else n - 1) else 0.0 for k in range(n)]
+    if method == "weighted-mean":  # 1..n towards the last piece (input) or the first (output)
+        w = [float(n - k) if output else float(k + 1) for k in range(n)]
+        return [x / sum(w) for x in w]
+    return [1.0 / n] * n
+
+
 def fill_new_rows(new, n_old: int, n_new: int, method: str, sources: list[list[int]], *, seed: int,
-                  init_range: float):
+                  init_range: float, output: bool = False, interpolation: float = 0.5,
+                  pad_output: bool | None = None):
     """Fill rows n_old.. of `new` in place from its first n_old rows; returns `new`.
 
-    New rows (n_old..n_new-1) by `method`, padding rows (n_new..) = mean of the old rows. `sources[k]`
-    are the old ids for new id n_old + k. New rows are computed in fp32 and cast to the matrix dtype.
-    Working in place lets the caller read the old matrix straight into `new[:n_old]`: peak memory is
-    the grown matrix plus small fp32 chunks.
+    New rows (n_old..n_new-1) by `method` (see EmbedInitConfig); `output` says the matrix is lm_head (or
+    a tied matrix), which decides the piece weights of first-last / weighted-mean; `pad_output` (default:
+    `output`) whether the padding rows are an output matrix's.
+    Padding rows (n_new..) = mean of the old rows, or PAD_SCALE times it for an output matrix: their logit
+    is PAD_SCALE times the mean old logit, which in a trained model lies far below the logits that carry
+    the probability (measured: < 1e-6 of the mass on real text, tests/test_embed_methods.py).
+    `sources[k]` are the old ids for new id n_old + k. New rows are computed in fp32 and cast to the
+    matrix dtype. Working in place lets the caller read the old matrix straight into `new[:n_old]`: peak
+    memory is the grown matrix plus small fp32 chunks.
     """
     import torch
 
@@ -108,16 +145,29 @@ def fill_new_rows(new, n_old: int, n_new: int, method: str, sources: list[list[i
     mean_all = _mean_rows(old)
     added = n_new - n_old
     gen = torch.Generator().manual_seed(seed)
-    if method == "mean":
-        # Sum each new id's old rows with index_add_ (serial on CPU, so deterministic), chunk by chunk.
+    if method in ("mean", "interpolation", "first-last", "weighted-mean", "prefix-share"):
+        shares = prefix_share_weights(sources, n_old) if method == "prefix-share" else None
+        # Sum each new id's weighted old rows with index_add_ (serial on CPU, so deterministic), chunk by chunk.
         for s in range(0, added, _MEAN_CHUNK):
             chunk = sources[s:s + _MEAN_CHUNK]
+            if method == "prefix-share":
+                chunk = [ids[:1] for ids in chunk]
             flat = torch.tensor([i for ids in chunk for i in ids], dtype=torch.long)
             seg = torch.tensor([k for k, ids in enumerate(chunk) for _ in ids], dtype=torch.long)
             sums = torch.zeros(len(chunk), hidden, dtype=torch.float32)
-            sums.index_add_(0, seg, old[flat].to(torch.float32))
             counts = torch.tensor([len(ids) for ids in chunk], dtype=torch.float32)
-            block = sums / counts.clamp(min=1)[:, None]
+            if method in ("mean", "interpolation"):
+                sums.index_add_(0, seg, old[flat].to(torch.float32))
+                block = sums / counts.clamp(min=1)[:, None]
+            else:
+                w = torch.tensor([x for ids in chunk for x in piece_weights(ids, method, output)], dtype=torch.float32)
+                sums.index_add_(0, seg, old[flat].to(torch.float32) * w[:, None])
+                block = sums
+            if method == "interpolation":
+                block = (1 - interpolation) * mean_all + interpolation * block
+            elif method == "prefix-share":
+                t = torch.tensor([x or 0.0 for x in shares[s:s + _MEAN_CHUNK]], dtype=torch.float32)[:, None]
+                block = (1 - t) * block + t * mean_all
             empty = counts == 0
             block[empty] = mean_all
             new[n_old + s:n_old + s + len(chunk)] = block.to(old.dtype)
@@ -140,7 +190,8 @@ def fill_new_rows(new, n_old: int, n_new: int, method: str, sources: list[list[i
     else:
         raise ValueError(method)
     if rows > n_new:
-        new[n_new:] = mean_all.to(old.dtype)
+        pad_output = output if pad_output is None else pad_output
+        new[n_new:] = (mean_all * PAD_SCALE if pad_output else mean_all).to(old.dtype)
     return new
 
 
@@ -185,6 +236,20 @@ def _spm_sha256(path: str | Path) -> str:
     return file_sha256(p)
 
 
+def output_methods(cfg: EmbedInitConfig, tied: bool, model_dir: Path) -> str:
+    """The lm_head method: --output-method, else the default (untied) or --method (tied: one matrix)."""
+    if not tied:
+        return cfg.output_method or DEFAULT_OUTPUT_METHOD or cfg.method
+    if cfg.output_method and cfg.output_method != cfg.method:
+        raise input_error(model_dir / CONFIG_FILE, f"--output-method {cfg.output_method} differs from --method "
+                          f"{cfg.method}, but this model ties lm_head to embed_tokens (one matrix)",
+                          f"leave --output-method empty (the tied matrix gets --method {cfg.method}), or pass "
+                          f"the method you want as --method"
+                          + (f" ({cfg.output_method} is for lm_head only)" if cfg.output_method in OUTPUT_ONLY_METHODS
+                             else ""))
+    return cfg.method
+
+
 def grow_embeddings(cfg: EmbedInitConfig) -> Path:
     """Write `cfg.out`: the checkpoint of `cfg.model` with embed_tokens/lm_head grown to the new tokenizer."""
     import torch
@@ -207,6 +272,7 @@ def grow_embeddings(cfg: EmbedInitConfig) -> Path:
                           f"{old.path} has {n_old} pieces", "pass the tokenizer this model was trained with as "
                           "--old-tokenizer (its size must equal config.json's vocab_size)")
     embed, lm_head, tied = find_matrices(ckpt)
+    output_method = output_methods(cfg, tied, model_dir)
     names = [embed] + ([lm_head] if lm_head else [])
     for name in names:
         info = ckpt.info(name)
@@ -221,14 +287,16 @@ def grow_embeddings(cfg: EmbedInitConfig) -> Path:
     init_range = float(ckpt.config.get("initializer_range", 0.02))
     stats: dict[str, Any] = {}
 
-    def plan_for(name: str, seed: int) -> TensorPlan:
+    def plan_for(name: str, seed: int, method: str, output: bool) -> TensorPlan:
         info = ckpt.info(name)
 
         def produce():
             t0 = time.time()
             grown = torch.empty(rows, info.shape[1], dtype=torch_dtype(info.dtype))
             ckpt.read_tensor(name, out=grown[:n_old])  # old rows read in place: no second copy
-            fill_new_rows(grown, n_old, n_new, cfg.method, sources, seed=seed, init_range=init_range)
+            # A tied matrix is read as embed_tokens (piece weights) and scored as lm_head (padding rows).
+            fill_new_rows(grown, n_old, n_new, method, sources, seed=seed, init_range=init_range, output=output,
+                          interpolation=cfg.interpolation, pad_output=output or tied)
             finite = all(bool(torch.isfinite(grown[s:s + _CHUNK_ROWS]).all()) for s in range(n_old, rows, _CHUNK_ROWS))
             stats[name] = {"old_shape": list(info.shape), "new_shape": list(grown.shape), "dtype": info.dtype,
                            "seconds": round(time.time() - t0, 3), "finite": finite}
@@ -236,9 +304,10 @@ def grow_embeddings(cfg: EmbedInitConfig) -> Path:
         return TensorPlan((rows, info.shape[1]), info.dtype, produce)
 
     # Tied weights stored twice get identical rows (same seed); untied lm_head draws its own.
-    plan = {embed: plan_for(embed, cfg.seed)}
+    plan = {embed: plan_for(embed, cfg.seed, cfg.method, False)}
     if lm_head:
-        plan[lm_head] = plan_for(lm_head, cfg.seed if tied else cfg.seed + 1)
+        plan[lm_head] = (plan_for(lm_head, cfg.seed, cfg.method, False) if tied
+                         else plan_for(lm_head, cfg.seed + 1, output_method, True))
     remove_stale_temps(out)
     with atomic_path(out) as tmp:
         tmp.mkdir()
@@ -262,14 +331,25 @@ def grow_embeddings(cfg: EmbedInitConfig) -> Path:
                     "shards_linked": len(report["linked"]), "shards_copied": len(report["copied"]),
                     "shards_rewritten": len(report["rewritten"]), "shards_new": len(report["new"]),
                     "shards_dropped": len(report["dropped"]), "total_size": report["total_size"]},
-            method=cfg.method, tied=tied, tensors=stats, tokenizer_files=tok_files, rerun=rerun,
+            method=cfg.method, output_method=output_method, tied=tied, tensors=stats, tokenizer_files=tok_files, rerun=rerun,
             shards={k: report[k] for k in ("linked", "copied", "rewritten", "new", "dropped")},
             shard_files=report["shard_files"], source_shards=report["source_shards"],
             # How many old pieces each new id's surface splits into (the `mean` row averages them);
             # 0 = special token or no usable piece: mean of all old rows.
             new_ids={"first": n_old, "pieces_per_new_id": [len(ids) for ids in sources],
-                     "histogram": {str(k): v for k, v in sorted(Counter(map(len, sources)).items())}})
+                     "histogram": {str(k): v for k, v in sorted(Counter(map(len, sources)).items())}},
+            prefix_share=_prefix_share_summary(sources, n_old) if output_method == "prefix-share" else None)
     return out
+
+
+def _prefix_share_summary(sources: list[list[int]], n_old: int) -> dict[str, Any]:
+    """Manifest record of `prefix-share`: how many new ids share each first piece, and the weights t."""
+    first = Counter(ids[0] for ids in sources if ids)
+    t = sorted(x for x in prefix_share_weights(sources, n_old) if x is not None)
+    return {"first_pieces": len(first), "largest_group": max(first.values(), default=0),
+            "group_size_histogram": {str(k): v for k, v in sorted(Counter(first.values()).items())},
+            "t_min": t[0] if t else None, "t_median": t[len(t) // 2] if t else None, "t_max": t[-1] if t else None,
+            "t_is_1": sum(1 for x in t if x >= 1.0)}
 
 
 def load_grown_manifest(out: str | Path) -> dict[str, Any]:

@@ -89,7 +89,7 @@ def _rows(path: Path, name: str) -> torch.Tensor:
     return ckpt.read_tensor(name)
 
 
-def _check_mean_rows(old: torch.Tensor, new: torch.Tensor, sources, n_new: int) -> None:
+def _check_mean_rows(old: torch.Tensor, new: torch.Tensor, sources, n_new: int, pad_scale: float = 1.0) -> None:
     n_old = old.shape[0]
     assert torch.equal(new[:n_old].view(torch.int16 if old.element_size() == 2 else torch.int32),
                        old.view(torch.int16 if old.element_size() == 2 else torch.int32))
@@ -97,9 +97,9 @@ def _check_mean_rows(old: torch.Tensor, new: torch.Tensor, sources, n_new: int) 
     for k, ids in enumerate(sources):
         want = (old[ids].float().mean(0) if ids else mean_all).to(old.dtype)
         torch.testing.assert_close(new[n_old + k], want, rtol=1e-6, atol=1e-7 if old.dtype == torch.float32 else 1e-2)
-    # padding rows
+    # padding rows: the mean of the old rows (embed_tokens), PAD_SCALE times it in an output matrix
     for r in range(n_new, new.shape[0]):
-        torch.testing.assert_close(new[r], mean_all.to(old.dtype))
+        torch.testing.assert_close(new[r], (mean_all * pad_scale).to(old.dtype))
 
 
 def test_mean_untied_sharded_mixtral(work, base_model_path):
@@ -107,7 +107,7 @@ def test_mean_untied_sharded_mixtral(work, base_model_path):
     assert len(open_checkpoint(src).shards) >= 2
     out = grow_embeddings(EmbedInitConfig(model=str(src), old_tokenizer=str(base_model_path),
                                           new_tokenizer=str(work["new_model"]), out=str(work["dir"] / "g_mix"),
-                                          progress=False))
+                                          output_method="mean", progress=False))
     n_new = len(work["pieces"])
     old_e, old_h = _rows(src, "model.embed_tokens.weight"), _rows(src, "lm_head.weight")
     new_e, new_h = _rows(out, "model.embed_tokens.weight"), _rows(out, "lm_head.weight")
@@ -123,7 +123,7 @@ def test_mean_untied_sharded_mixtral(work, base_model_path):
     lead = work["sources"][N_ZH - 10]
     assert base[lead[0]].startswith("▁")
     m = read_manifest(out)
-    assert m["status"] == "done" and m["method"] == "mean"
+    assert m["status"] == "done" and m["method"] == "mean" and m["output_method"] == "mean"
     assert m["new_ids"]["pieces_per_new_id"] == [len(s) for s in work["sources"]]
     assert m["counts"]["added"] == n_new - 32000 and m["counts"]["special_added"] == 1
     assert m["counts"]["shards_linked"] >= 1  # untouched shards are hard links
@@ -177,7 +177,7 @@ def test_tied_llama_bf16_padded_hf_folder_cli(work, base_model_path, capsys):
     old = _rows(work["llama"], "model.embed_tokens.weight")
     new = _rows(out, "model.embed_tokens.weight")
     assert new.dtype == torch.bfloat16 and new.shape[0] == rows
-    _check_mean_rows(old, new, work["sources"] + [[]], n_new)
+    _check_mean_rows(old, new, work["sources"] + [[]], n_new, pad_scale=grow_mod.PAD_SCALE)  # tied: an output matrix
     assert json.loads((out / "config.json").read_text())["vocab_size"] == rows
     assert read_manifest(out)["tied"] is True
     assert graft_main(["embed", "check", str(out), "--model", str(work["llama"])]) == 0
@@ -213,9 +213,12 @@ def test_hf_mean_matches_transformers_and_random_std(work, base_model_path, tmp_
     src, n_new = work["mixtral"], len(work["pieces"])
     cfg = dict(model=str(src), old_tokenizer=str(base_model_path), new_tokenizer=str(work["new_model"]),
                progress=False)
-    hf1 = grow_embeddings(EmbedInitConfig(out=str(tmp_path / "hf1"), method="hf-mean", seed=1, **cfg))
-    hf2 = grow_embeddings(EmbedInitConfig(out=str(tmp_path / "hf2"), method="hf-mean", seed=2, **cfg))
-    rnd = grow_embeddings(EmbedInitConfig(out=str(tmp_path / "rnd"), method="random", seed=1, **cfg))
+    hf1 = grow_embeddings(EmbedInitConfig(out=str(tmp_path / "hf1"), method="hf-mean", output_method="hf-mean", seed=1,
+                                          **cfg))
+    hf2 = grow_embeddings(EmbedInitConfig(out=str(tmp_path / "hf2"), method="hf-mean", output_method="hf-mean", seed=2,
+                                          **cfg))
+    rnd = grow_embeddings(EmbedInitConfig(out=str(tmp_path / "rnd"), method="random", output_method="random", seed=1,
+                                          **cfg))
     model = AutoModelForCausalLM.from_pretrained(src)
     torch.manual_seed(0)
     model.resize_token_embeddings(n_new, mean_resizing=True)
