@@ -21,6 +21,20 @@ Columns: "nll new/old" = NLL per token (nats) at positions whose target is a new
 "logits old/new" = median old-id logit / mean new-id logit, averaged over positions (where the new
 rows land among the old ones).
 
+--demo RUNS (issue 13): instead of training a model here, take the demo workflow's base model (a tiny Mixtral,
+hidden 128, 2 layers, 4 experts, 250 steps on CPU) and grown tokenizer (36,251 ids) from RUNS (after
+`graft run workflows/demo.toml --to vocab_merge`), and for every (embed_tokens, lm_head) method pair of DEMO_PAIRS
+and every seed (init draws and data order; the same for every pair): grow with `graft embed init`
+(--pad-to-multiple-of 64), score zh and en bits per byte of the demo's dev files (documents as BOS text EOS,
+like the eval stage) at step 0, the probability all new ids take at English positions whose next token is old,
+and the largest probability all padding rows take at any position; then train the first --demo-train pairs
+(all parameters, AdamW lr --continue-lr, --batch blocks of 128 tokens of zh news + pydoc with the new
+tokenizer) and score again after 25 and --continue-steps steps. Prints a markdown table (mean ± sd over seeds)
+and writes WORK/demo_results.json; --table FILE prints the table of such a file again.
+The run in docs/embed_init.md (about 70 min on 2 busy cores):
+       python benchmarks/bench_embed_quality.py --demo runs/demo --work /tmp/bench_demo --seeds 3 --batch 4
+           --eval-docs 45 --continue-steps 100 --demo-train 4
+
 Usage: python benchmarks/bench_embed_quality.py [--steps 800] [--work /tmp/embed_init/bench_quality] [--keep]
        python benchmarks/bench_embed_quality.py --reuse --keep --size 3000   # kept base model, other vocab
        the H200 run in docs/embed_init.md (368 s):
@@ -229,7 +243,7 @@ def compare_inits(label: str, base: Path, work: Path, new_tok_dir: Path, old_tok
         if not is_complete(out):
             grow_embeddings(EmbedInitConfig(model=str(base), old_tokenizer=str(base_tokenizer_model()),
                                             new_tokenizer=str(new_tok_dir), out=str(out), method=method,
-                                            progress=False, overwrite=True))
+                                            output_method=method, progress=False, overwrite=True))
         return out
 
     rows = {"base (old tokenizer)": ((base, None), old_tok)}
@@ -316,6 +330,212 @@ def save_results(results: dict, work: Path, extra: str | None) -> None:
         atomic_write_json(path, results)
 
 
+# ------------------------------------------------------------------ --demo: the CPU demo model, methods x seeds
+
+# (embed_tokens method, lm_head method). The first --demo-train are trained too; all are scored at step 0.
+DEMO_PAIRS = [("mean", "mean"), ("mean", "prefix-share"), ("random", "random"), ("hf-mean", "hf-mean"),
+              ("first-last", "first-last"), ("interpolation", "interpolation"), ("mean", "hf-mean"),
+              ("weighted-mean", "weighted-mean"), ("mean", "first-last"), ("mean", "interpolation"),
+              ("mean", "random"), ("random", "mean"), ("first-last", "prefix-share")]
+
+
+def pair_name(pair: tuple[str, str]) -> str:
+    return pair[0] if pair[0] == pair[1] else f"{pair[0]} / {pair[1]}"
+
+
+def demo_eval(model, tok, texts: list[str], *, bos: int, eos: int, n_old: int, n_new: int, max_len: int = 128,
+              batch_size: int = 8) -> dict:
+    """Bits per byte of `texts` as the demo's eval stage scores them (BOS text EOS, windows of max_len), plus
+    the probability all new ids (n_old..n_new-1) together take where the next token is an old id, and the
+    largest / mean probability all padding ids (>= n_new) together take at any position."""
+    import torch
+    import torch.nn.functional as F
+
+    windows, n_bytes = [], 0
+    for enc, text in zip(tok.encode_batch(list(texts), add_special_tokens=False), texts):
+        ids = [bos] + enc.ids + [eos]
+        n_bytes += len(text.encode("utf-8"))
+        start = 0
+        while start < len(ids) - 1:
+            windows.append(ids[start:start + max_len])
+            start += max_len - 1
+    windows.sort(key=len)
+    nats = mass = pad_max = pad_sum = 0.0
+    n_old_targets = n_pos = 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for lo in range(0, len(windows), batch_size):
+            group = windows[lo:lo + batch_size]
+            width = max(len(w) for w in group)
+            x = torch.zeros((len(group), width), dtype=torch.long)
+            y = torch.full((len(group), width), -100, dtype=torch.long)
+            for i, w in enumerate(group):
+                x[i, :len(w)] = torch.tensor(w)
+                y[i, :len(w) - 1] = torch.tensor(w[1:])
+            logits = model(input_ids=x.to(model.device), use_cache=False).logits.float()
+            y = y.to(logits.device)
+            nats += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100,
+                                          reduction="sum"))
+            p = logits[y != -100].double().softmax(-1)
+            t = y[y != -100]
+            old_t = t < n_old
+            mass += float(p[old_t, n_old:n_new].sum())
+            n_old_targets += int(old_t.sum())
+            if p.shape[1] > n_new:
+                pad = p[:, n_new:].sum(-1)
+                pad_max, pad_sum = max(pad_max, float(pad.max())), pad_sum + float(pad.sum())
+            n_pos += len(t)
+    model.train(was_training)
+    return {"bpb": nats / math.log(2) / max(1, n_bytes), "new_id_mass": mass / max(1, n_old_targets),
+            "pad_mass_max": pad_max, "pad_mass_mean": pad_sum / max(1, n_pos), "positions": n_pos}
+
+
+def demo_benchmark(args) -> dict:
+    """Every pair of DEMO_PAIRS on the demo's base model and grown tokenizer, for each seed: zh/en bpb and new-id
+    mass on English at step 0, then (the first --demo-train pairs) after 25 and --continue-steps steps of
+    training with the new tokenizer. For one seed every pair sees the same data order (seed = init seed)."""
+    import torch
+
+    from common.tokenizer_files import load_fast_tokenizer
+    from embed_init.config import EmbedInitConfig
+    from embed_init.grow import grow_embeddings
+    from workflows.demo_base import read_jsonl_texts
+
+    runs = Path(args.demo)
+    base, tok_dir, corpora = runs / "base_model", runs / "vocab_merge", runs / "corpora"
+    for d in (base, tok_dir, corpora):
+        if not (d / "manifest.json").is_file():
+            raise SystemExit(f"{d}: missing. Run first: graft run workflows/demo.toml --to vocab_merge")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    old_tok, new_tok = load_fast_tokenizer(base), load_fast_tokenizer(tok_dir)
+    n_old, n_new = old_tok.get_vocab_size(), new_tok.get_vocab_size()
+    bos, eos = old_tok.token_to_id("<s>"), old_tok.token_to_id("</s>")
+    dev_zh = read_jsonl_texts([str(corpora / "zh_news_dev.jsonl")])[:args.eval_docs]
+    dev_en = read_jsonl_texts([str(corpora / "en_pydoc_dev.jsonl")])[:max(1, args.eval_docs // 3)]
+    zh_train = read_jsonl_texts([str(corpora / "zh_news.jsonl")])[:args.demo_train_docs]
+    en_train = read_jsonl_texts([str(corpora / "en_pydoc_train.jsonl")])
+    seq = 128
+
+    def blocks_of(texts):
+        ids = [t for enc in new_tok.encode_batch(texts, add_special_tokens=False) for t in [bos] + enc.ids + [eos]]
+        return [ids[i:i + seq] for i in range(0, len(ids) - seq + 1, seq)]
+
+    data = blocks_of(zh_train) + blocks_of(en_train)
+    pairs = DEMO_PAIRS[:args.demo_pairs] if args.demo_pairs else DEMO_PAIRS
+    seeds = list(range(args.seeds))
+    results = {"base": base.as_posix(), "n_old": n_old, "n_new": n_new, "dev_zh_docs": len(dev_zh),
+               "dev_en_docs": len(dev_en), "train_blocks": len(data), "seeds": seeds, "pairs": {},
+               "steps": [0, 25, args.continue_steps], "batch": args.batch, "lr": args.continue_lr,
+               "pad_to_multiple_of": args.pad}
+    from transformers import AutoModelForCausalLM
+
+    def score(model, tok, nn_new):
+        zh = demo_eval(model, tok, dev_zh, bos=bos, eos=eos, n_old=n_old, n_new=nn_new)
+        en = demo_eval(model, tok, dev_en, bos=bos, eos=eos, n_old=n_old, n_new=nn_new)
+        return {"zh_bpb": zh["bpb"], "en_bpb": en["bpb"], "en_new_id_mass": en["new_id_mass"],
+                "zh_new_id_mass": zh["new_id_mass"], "pad_mass_max": max(zh["pad_mass_max"], en["pad_mass_max"])}
+
+    out_json = work / "demo_results.json"
+    if args.resume and out_json.is_file():  # keep the (pair, seed) rows of an earlier run with the same settings
+        earlier = json.loads(out_json.read_text())
+        same = {k: earlier.get(k) for k in ("n_new", "steps", "batch", "lr", "train_blocks", "pad_to_multiple_of")}
+        if same != {k: results[k] for k in same}:
+            raise SystemExit(f"{out_json}: made with other settings ({same}); drop --resume")
+        results["pairs"], results["unextended"] = earlier["pairs"], earlier["unextended"]
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base).eval()
+        results["unextended"] = score(model, old_tok, n_old)
+    print(f"unextended base: {results['unextended']}", flush=True)
+    def run(pair: tuple[str, str], seed: int, train_it: bool) -> dict:
+        """Grow with `pair` and `seed`, score at step 0, then (train_it) train and score at 25 and the end."""
+        out = work / f"grown_{pair[0]}_{pair[1]}_s{seed}"
+        grow_embeddings(EmbedInitConfig(model=str(base), old_tokenizer=str(base), new_tokenizer=str(tok_dir),
+                                        out=str(out), method=pair[0], output_method=pair[1], seed=seed,
+                                        pad_to_multiple_of=args.pad, progress=False, overwrite=True))
+        model = AutoModelForCausalLM.from_pretrained(out)
+        shutil.rmtree(out, ignore_errors=True)
+        row = {"0": score(model, new_tok, n_new)}
+        if train_it:
+            def record(n: int) -> None:
+                if n == 25 and n < args.continue_steps:
+                    row["25"] = score(model, new_tok, n_new)
+                    model.train()
+            train_steps(model, data, args.continue_steps, args.batch, args.continue_lr, seed=seed, warmup=10,
+                        on_step=record)
+            row[str(args.continue_steps)] = score(model, new_tok, n_new)
+        return row
+
+    random_pair = {"random", "hf-mean"}
+    for seed in seeds:  # seeds outermost: a run cut short still has every pair at the first seeds
+        for i, pair in enumerate(pairs):
+            name, train_it = pair_name(pair), i < args.demo_train
+            entry = results["pairs"].setdefault(name, {"embed": pair[0], "lm_head": pair[1], "seeds": {}})
+            t0 = time.time()
+            done = entry["seeds"].get(str(seed))
+            if done and (not train_it or str(args.continue_steps) in done):
+                continue  # --resume: measured already
+            if seed > 0 and not train_it and not random_pair & set(pair):
+                row = entry["seeds"]["0"]  # deterministic and not trained: the same rows for every seed
+            else:
+                row = run(pair, seed, train_it)
+            entry["seeds"][str(seed)] = row
+            print(f"{name:32} seed {seed}: " + "; ".join(
+                f"{k}: zh {v['zh_bpb']:.3f} en {v['en_bpb']:.3f} en-mass {v['en_new_id_mass']:.4f}"
+                for k, v in row.items()) + f" ({time.time() - t0:.0f}s)", flush=True)
+            out_json.write_text(json.dumps(results, indent=1))
+    print_demo_table(results)
+    return results
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    return m, (sum((v - m) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
+
+
+def demo_table_rows(results: dict) -> list[dict]:
+    """One row per pair: mean (and sd) over seeds of each figure at each step; ratios against the goals."""
+    base = results["unextended"]
+    rows = []
+    rnd = results["pairs"].get("random", {}).get("seeds", {})
+    rnd_zh0 = _mean_sd([s["0"]["zh_bpb"] for s in rnd.values()])[0] if rnd else None
+    for name, p in results["pairs"].items():
+        seeds = list(p["seeds"].values())
+        row = {"name": name}
+        for step in ("0", "25", str(results["steps"][-1])):
+            if all(step in s for s in seeds):
+                for k in ("zh_bpb", "en_bpb", "en_new_id_mass", "pad_mass_max"):
+                    row[f"{k}@{step}"] = _mean_sd([s[step][k] for s in seeds])
+        row["en_vs_base@0"] = row["en_bpb@0"][0] / base["en_bpb"] - 1
+        row["zh_vs_random@0"] = (1 - row["zh_bpb@0"][0] / rnd_zh0) if rnd_zh0 else None
+        rows.append(row)
+    return rows
+
+
+def print_demo_table(results: dict) -> None:
+    last = str(results["steps"][-1])
+    base = results["unextended"]
+    print(f"\nunextended base model: zh {base['zh_bpb']:.3f}, en {base['en_bpb']:.3f} bpb; "
+          f"{len(results['seeds'])} seeds (mean ± sd)")
+    hdr = ("| embed / lm_head | zh@0 | en@0 | en vs base @0 | zh vs random @0 | en new-id mass @0 | zh@25 | en@25 | "
+           f"zh@{last} | en@{last} | en new-id mass @{last} | pad mass (max) @0 |")
+    print(hdr)
+    print("|" + "---|" * (hdr.count("|") - 1))
+
+    def f(row, key, nd=3):
+        if key not in row:
+            return "–"
+        m, sd = row[key]
+        return f"{m:.{nd}f} ± {sd:.{nd}f}" if sd > 0 else f"{m:.{nd}f}"
+    for row in demo_table_rows(results):
+        zr = row["zh_vs_random@0"]
+        print(f"| {row['name']} | {f(row, 'zh_bpb@0')} | {f(row, 'en_bpb@0')} | {row['en_vs_base@0']:+.1%} | "
+              f"{'' if zr is None else f'{zr:+.1%}'} | {f(row, 'en_new_id_mass@0', 4)} | {f(row, 'zh_bpb@25')} | "
+              f"{f(row, 'en_bpb@25')} | {f(row, f'zh_bpb@{last}')} | {f(row, f'en_bpb@{last}')} | "
+              f"{f(row, f'en_new_id_mass@{last}', 4)} | {row['pad_mass_max@0'][0]:.1e} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/embed_init/bench_quality")
@@ -341,8 +561,32 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=8000, help="size of the Chinese BPE appended to the base")
     ap.add_argument("--results", default=None, help="also write results.json here")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--demo", default=None, help="runs folder of the demo workflow (e.g. runs/demo, after `graft run "
+                    "workflows/demo.toml --to vocab_merge`): compare the methods on its base model and tokenizer "
+                    "instead of training a model here")
+    ap.add_argument("--seeds", type=int, default=3, help="--demo: seeds (init draws and data order)")
+    ap.add_argument("--demo-pairs", type=int, default=0, help="--demo: only the first N method pairs (0 = all)")
+    ap.add_argument("--demo-train", type=int, default=4, help="--demo: continue training the first N pairs")
+    ap.add_argument("--demo-train-docs", type=int, default=3000, help="--demo: zh news paragraphs to train on")
+    ap.add_argument("--pad", type=int, default=64, help="--demo: --pad-to-multiple-of of every init")
+    ap.add_argument("--resume", action="store_true", help="--demo: keep the rows of WORK/demo_results.json")
+    ap.add_argument("--table", default=None, help="print the --demo table of a saved demo_results.json and exit")
     ap.add_argument("--reuse", action="store_true", help="reuse a kept work folder (skip training)")
     args = ap.parse_args()
+    if args.table:
+        print_demo_table(json.loads(Path(args.table).read_text()))
+        return
+    if args.demo:
+        import torch
+
+        torch.set_num_threads(2)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        res = demo_benchmark(args)
+        if args.results:
+            Path(args.results).write_text(json.dumps(res, indent=1))
+        return
 
     import torch
     from transformers import AutoTokenizer
