@@ -72,7 +72,7 @@ def score_bytelevel(cands: list[dict[str, Any]], sample, *, nested: bool, base_p
 
     from analysis.alp import script_classes
     from analysis.score import metrics_row
-    from common.bytelevel import from_bytelevel, load_bytelevel, token_text
+    from common.bytelevel import load_bytelevel, token_text, unicode_to_byte
     from vocab.bytelevel_stages import load_candidate, model_fingerprint
 
     loaded = [(c, load_candidate(c["path"], base_path or "BASE")) for c in cands]
@@ -96,7 +96,8 @@ def score_bytelevel(cands: list[dict[str, Any]], sample, *, nested: bool, base_p
     for t in base.added_tokens:
         base_pieces[int(t["id"])] = t["content"]
     base_classes = script_classes(base_pieces)
-    byte_ids = [i for t, i in base.vocab.items() if len(t) == 1 and from_bytelevel(t)[0] >= 0x80]
+    u2b = unicode_to_byte()
+    byte_ids = [i for t, i in base.vocab.items() if u2b.get(t, 0) >= 0x80]
 
     def row_for(c, cand, counts, method, reason=None):
         merges = cand.merges

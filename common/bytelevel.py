@@ -77,9 +77,21 @@ def from_bytelevel(token: str) -> bytes:
     return bytes(m[c] for c in token)
 
 
+def bytes_or_none(token: str) -> bytes | None:
+    """`from_bytelevel(token)`, or None for a string outside the byte alphabet."""
+    try:
+        return from_bytelevel(token)
+    except KeyError:
+        return None
+
+
 def token_text(token: str) -> str:
-    """A byte-level token shown as text: its bytes decoded, undecodable bytes as \\xNN."""
-    return from_bytelevel(token).decode("utf-8", errors="backslashreplace")
+    """A byte-level token shown as text: its bytes decoded, undecodable bytes as \\xNN. A string outside the byte
+    alphabet (a special token stored in the vocabulary, e.g. "<｜begin▁of▁sentence｜>") is returned as it is."""
+    try:
+        return from_bytelevel(token).decode("utf-8", errors="backslashreplace")
+    except KeyError:
+        return token
 
 
 # ---------------------------------------------------------------------------------------------

@@ -228,3 +228,28 @@ def test_byte_level_errors(tmp_path, tekken_path, tiny_bases, corpora, base_mode
         _train(tmp_path, tekken_path, [small], "5000", name="small")
     assert "supports only" in str(e.value) and "Fix: keep --sizes at or below" in str(e.value)
     assert not (tmp_path / "small").exists()
+
+
+def test_special_token_outside_the_byte_alphabet(tmp_path, tiny_bases, corpora):
+    """DeepSeek-style specials ("<｜begin▁of▁sentence｜>") kept in the BPE vocabulary are not byte strings: they are
+    never merged, never counted as new tokens, and keep their id."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_bases["gpt2"], base)
+    data = json.loads((base / "tokenizer.json").read_text())
+    special = "<｜begin▁of▁sentence｜>"
+    for t in data["added_tokens"]:  # all added tokens in the vocabulary too (as tekken's), so ids stay consistent
+        data["model"]["vocab"][t["content"]] = t["id"]
+    new_id = max(t["id"] for t in data["added_tokens"]) + 1
+    data["model"]["vocab"][special] = new_id
+    data["added_tokens"].append({"id": new_id, "content": special, "single_word": False, "lstrip": False,
+                                 "rstrip": False, "normalized": False, "special": True})
+    (base / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
+    cands = _train(tmp_path, base, [corpora["zh"]], "300")
+    tok = merge_into_base(MergeConfig(base=str(base), add=str(cands / "candidates/added300.json"),
+                                      out=str(tmp_path / "tok")))
+    r = check_tokenizer(CheckConfig(tokenizer=str(tok), base=str(base),
+                                    corpus=[str(corpora["zh_dev"]), str(corpora["en"])]))
+    assert r["ok"], ({k: v for k, v in r["invariants"].items() if v}, r["problems"], r["examples"])
+    assert r["added_pieces"] == 300 and load_bytelevel(tok).tokenizer().token_to_id(special) == new_id

@@ -34,7 +34,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from common.bytelevel import ByteLevelTokenizer, from_bytelevel, to_bytelevel
+from common.bytelevel import ByteLevelTokenizer, bytes_or_none, from_bytelevel, to_bytelevel
 from common.scripts import _RANGES, ScriptFilter
 
 
@@ -212,7 +212,10 @@ def continue_bpe(base: ByteLevelTokenizer, words: Words, n_merges: int, script: 
     vocab = base.vocab
     tb: list[bytes] = [b""] * base.size()
     for t, i in vocab.items():
-        tb[i] = from_bytelevel(t)
+        try:
+            tb[i] = from_bytelevel(t)
+        except KeyError:  # a special token kept in the vocabulary, outside the byte alphabet: never merged
+            pass
     known = set(tb) - {b""}
     safety = TargetSafety(script)
     seqs, freqs = [list(s) for s in words.seqs], words.freqs
@@ -325,7 +328,7 @@ def plan_extension(base: ByteLevelTokenizer, merges: Iterable[tuple[str, str]], 
             counts["duplicates"] += 1
         elif a not in have or b not in have:
             counts["missing_part"] += 1  # its part was left out above, so it could never fire
-        elif not safety.safe(from_bytelevel(t)):
+        elif bytes_or_none(t) is None or not safety.safe(from_bytelevel(t)):
             counts["not_target_script"] += 1
         else:
             kept.append((a, b))
@@ -404,7 +407,7 @@ def unreachable(data: dict, tokens: list[str], first_id: int) -> dict[str, list[
         try:
             texts.append(from_bytelevel(t).decode("utf-8"))
             which.append(t)
-        except UnicodeDecodeError:
+        except (UnicodeDecodeError, KeyError):
             pass
     for t, enc in zip(which, full.encode_batch(texts, add_special_tokens=False)):
         if enc.ids != [vocab[t]]:

@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from common.bytelevel import ByteLevelTokenizer, from_bytelevel, load_bytelevel, token_text
+from common.bytelevel import ByteLevelTokenizer, bytes_or_none, from_bytelevel, load_bytelevel, token_text
 from common.errors import GraftError
 from common.io import read_json
 
@@ -118,7 +118,7 @@ def check_bytelevel(cfg: Any) -> dict[str, Any]:
         merge_tokens.append(a + b)
     malformed += len(set(t for _, t in new_tokens) ^ set(merge_tokens))  # a new token without its merge, or back
     safety = TargetSafety(script)
-    no_script = [t for _, t in new_tokens if not safety.safe(from_bytelevel(t))]
+    no_script = [t for _, t in new_tokens if bytes_or_none(t) is None or not safety.safe(from_bytelevel(t))]
     bad = unreachable(merged.data, [t for _, t in new_tokens], base_size)
     specials = list(manifest.get("special_tokens", []))
     base_added_contents = {t["content"] for t in base.added_tokens}
@@ -200,7 +200,7 @@ def _partial(token: str) -> bool:
     try:
         from_bytelevel(token).decode("utf-8")
         return False
-    except UnicodeDecodeError:
+    except (UnicodeDecodeError, KeyError):
         return True
 
 
