@@ -504,9 +504,11 @@ def demo_table_rows(results: dict) -> list[dict]:
         seeds = list(p["seeds"].values())
         row = {"name": name}
         for step in ("0", "25", str(results["steps"][-1])):
-            if all(step in s for s in seeds):
+            have = [s for s in seeds if step in s]  # a pair trained at fewer seeds: over those
+            if have:
                 for k in ("zh_bpb", "en_bpb", "en_new_id_mass", "pad_mass_max"):
-                    row[f"{k}@{step}"] = _mean_sd([s[step][k] for s in seeds])
+                    row[f"{k}@{step}"] = _mean_sd([s[step][k] for s in have])
+                row[f"n@{step}"] = len(have)
         row["en_vs_base@0"] = row["en_bpb@0"][0] / base["en_bpb"] - 1
         row["zh_vs_random@0"] = (1 - row["zh_bpb@0"][0] / rnd_zh0) if rnd_zh0 else None
         rows.append(row)
@@ -523,11 +525,14 @@ def print_demo_table(results: dict) -> None:
     print(hdr)
     print("|" + "---|" * (hdr.count("|") - 1))
 
+    n_seeds = len(results["seeds"])
+
     def f(row, key, nd=3):
         if key not in row:
             return "–"
         m, sd = row[key]
-        return f"{m:.{nd}f} ± {sd:.{nd}f}" if sd > 0 else f"{m:.{nd}f}"
+        n = row.get("n@" + key.split("@")[1], n_seeds)
+        return (f"{m:.{nd}f} ± {sd:.{nd}f}" if sd > 0 else f"{m:.{nd}f}") + (f" (n={n})" if n < n_seeds else "")
     for row in demo_table_rows(results):
         zr = row["zh_vs_random@0"]
         print(f"| {row['name']} | {f(row, 'zh_bpb@0')} | {f(row, 'en_bpb@0')} | {row['en_vs_base@0']:+.1%} | "

@@ -93,7 +93,7 @@ def _covariance(old, mean, chunk: int = _CHUNK_ROWS):
     return cov / old.shape[0]
 
 
-PAD_SCALE = 4.0  # output padding rows = PAD_SCALE * mean of the old rows (see fill_new_rows)
+PAD_SCALE = 8.0  # output padding rows = PAD_SCALE * mean of the old rows (see fill_new_rows)
 
 
 def prefix_share_weights(sources: list[list[int]], n_old: int) -> list[float | None]:
