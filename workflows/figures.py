@@ -61,6 +61,9 @@ def vocab_merge(m: dict) -> str:
 
 def embed_init(m: dict) -> str:
     method = (m.get("config") or {}).get("method", "")
+    out = m.get("output_method")  # the lm_head method as resolved (manifests before issue 13: none)
+    if method and out and out != method:
+        method = f"{method} / {out}"
     return (f"{method}: " if method else "") + _pairs(m, [("rows", ("counts", "rows")), ("added", ("counts", "added"))])
 
 
