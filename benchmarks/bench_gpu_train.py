@@ -131,7 +131,7 @@ def child_hf(args, embeddings: str, gc: bool) -> dict:
                               TrainingArguments, default_data_collator)
 
     from continual import data as D
-    from continual.config import DEFAULT_TARGETS
+    from continual.arch import ARCHS
 
     cfg = _train_config(args, Path(args.work) / "unused", embeddings, gc)
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -146,7 +146,7 @@ def child_hf(args, embeddings: str, gc: bool) -> dict:
     extra = ({"modules_to_save": ["embed_tokens", "lm_head"]} if embeddings == "full" else
              {"trainable_token_indices": {n: list(range(32000, vocab)) for n in ("embed_tokens", "lm_head")}})
     model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                             target_modules=list(DEFAULT_TARGETS), bias="none", task_type="CAUSAL_LM",
+                                             target_modules=list(ARCHS["mixtral"].targets), bias="none", task_type="CAUSAL_LM",
                                              **extra))
     ds = D.load_split(str(args.prepared / "data"), "train").map(lambda r: {"labels": r["input_ids"]})
     times: list[float] = []

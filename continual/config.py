@@ -15,7 +15,9 @@ from typing import Any, Optional
 from common.errors import GraftError, input_error
 
 EMBEDDING_MODES = ("full", "new-rows", "frozen")
-DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"]
+# "auto": LoRA targets from the architecture table in continual/arch.py (attention + every expert, shared-expert
+# and dense MLP Linear of the model type), checked against the checkpoint's tensors before the model loads.
+AUTO_TARGETS = "auto"
 
 
 def _h(text: str, **kw: Any) -> dict:
@@ -61,8 +63,10 @@ class TrainConfig:
     lora_r: int = field(default=64, metadata=_h("LoRA rank"))
     lora_alpha: int = field(default=128, metadata=_h("LoRA alpha (scale = alpha / r)"))
     lora_dropout: float = field(default=0.05, metadata=_h("LoRA dropout"))
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS), metadata=_h(
-        "module names that get LoRA; the router `gate` is left out by default"))
+    target_modules: list[str] = field(default_factory=lambda: [AUTO_TARGETS], metadata=_h(
+        "module names that get LoRA, or auto: attention + every expert, shared-expert and MLP Linear of the "
+        "model's architecture (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, Llama, Mistral; routers never); "
+        "another architecture needs an explicit list"))
 
     learning_rate: float = field(default=1e-5, metadata=_h("peak learning rate of the LoRA weights"))
     weight_decay: float = field(default=0.0, metadata=_h("AdamW weight decay"))
@@ -116,7 +120,10 @@ class TrainConfig:
         if self.quant_storage not in ("uint8", "bfloat16", "float16", "float32"):
             raise GraftError(f"quant_storage = {self.quant_storage!r}. Fix: use uint8 (default) or bfloat16 (FSDP)")
         if not self.target_modules:
-            raise GraftError("target_modules is empty. Fix: name at least one module, e.g. q_proj")
+            raise GraftError("target_modules is empty. Fix: name at least one module, e.g. q_proj, or use auto")
+        if AUTO_TARGETS in self.target_modules and len(self.target_modules) > 1:
+            raise GraftError(f"target_modules = {self.target_modules}: auto stands alone. Fix: use [\"auto\"] or "
+                             "list module names only")
         return self
 
 

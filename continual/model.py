@@ -11,10 +11,10 @@ from typing import Any
 
 from common.errors import GraftError, input_error
 from common.io import read_json
+from continual import arch as A
 
-# Kept out of 4-bit: a 4-bit router crashes CPU eval and is tiny anyway; lm_head is the output layer
-# (trainable in most runs, and precision-critical).
-SKIP_QUANT = ["gate", "lm_head"]
+# Kept out of 4-bit: routers and shared-expert gates (a 4-bit router crashes CPU eval and is tiny anyway) and
+# lm_head, the output layer (trainable in most runs, and precision-critical); per architecture: continual/arch.py.
 EMBED_NAMES = ("embed_tokens", "lm_head")
 
 
@@ -33,13 +33,15 @@ def resolve_compute_dtype(name: str):
     return torch_dtype(name)
 
 
-def quantization_config(compute_dtype, quant_storage: str = "uint8"):
-    """NF4 + double quantization; every Linear is 4-bit except the router and lm_head."""
+def quantization_config(compute_dtype, quant_storage: str = "uint8", skip: list[str] | None = None):
+    """NF4 + double quantization; every Linear is 4-bit except `skip` (default: every router/gate name of
+    continual/arch.py's table, and lm_head)."""
     from transformers import BitsAndBytesConfig
 
+    skip = list(skip) if skip is not None else [*A.ALL_SKIPS, A.OUTPUT]
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=torch_dtype(quant_storage),
-                              llm_int8_skip_modules=list(SKIP_QUANT))
+                              llm_int8_skip_modules=skip)
 
 
 def disable_cpu_repack(model) -> int:
@@ -123,11 +125,17 @@ def _find_key(obj: Any, keys: tuple[str, ...]) -> Any:
     return None
 
 
+def lora_targets(model_path: str | Path, targets: list[str]) -> list[str]:
+    """The LoRA target names: continual/arch.py's table for ["auto"], else `targets` as given."""
+    return A.resolve_targets(model_path, read_model_config(model_path), targets)
+
+
 def check_target_modules(model, targets: list[str], model_path: str | Path) -> None:
     """Every requested LoRA target must name at least one Linear of the model (peft only errs if none match)."""
     import torch
     import bitsandbytes as bnb
 
+    targets = lora_targets(model_path, targets)
     linear_names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
                            if isinstance(m, (torch.nn.Linear, bnb.nn.Linear4bit))})
     def matches(t: str, n: str) -> bool:
@@ -139,7 +147,8 @@ def check_target_modules(model, targets: list[str], model_path: str | Path) -> N
     missing = [t for t in targets if t not in linear_names and not any(matches(t, n) for n in linear_names)]
     if missing:
         raise input_error(model_path, f"target_modules names {', '.join(repr(m) for m in missing)}, which the model "
-                                      f"does not have", f"use some of its linear layers: {', '.join(linear_names)}")
+                                      f"does not have", f"set target_modules to some of its linear layers: "
+                                                        f"{', '.join(linear_names)} (or auto, see continual/arch.py)")
 
 
 def load_base_4bit(model_dir: str | Path, compute_dtype, quant_storage: str = "uint8", device_map=None):
@@ -151,7 +160,8 @@ def load_base_4bit(model_dir: str | Path, compute_dtype, quant_storage: str = "u
     kwargs = {"device_map": device_map} if device_map is not None else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), quantization_config=quantization_config(compute_dtype, quant_storage),
+            str(model_dir), quantization_config=quantization_config(
+                compute_dtype, quant_storage, A.skip_modules(read_model_config(model_dir))),
             dtype=compute_dtype if compute_dtype != torch.float16 else torch.float32, low_cpu_mem_usage=True, **kwargs)
     except (OSError, ValueError, RuntimeError) as e:
         raise input_error(model_dir, f"cannot load the model ({type(e).__name__}: {str(e)[:300]})",
@@ -175,7 +185,8 @@ def add_adapters(model, cfg, vocab_size: int, new_rows_start: int | None):
         rows = list(range(new_rows_start, vocab_size))
         kw["trainable_token_indices"] = {name: rows for name in EMBED_NAMES}
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM", **kw)
+                      target_modules=lora_targets(cfg.model, cfg.target_modules), bias="none", task_type="CAUSAL_LM",
+                      **kw)
     torch.manual_seed(cfg.seed)  # LoRA A init
     model = get_peft_model(model, lora)
     # Trainable weights (LoRA, embedding copies/rows) live in float32 for stable AdamW updates, even when the

@@ -39,11 +39,12 @@ NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit weights + 8-bit abs
 
 def checkpoint_params(folder: str | Path) -> dict[str, int]:
     """Parameters of a safetensors checkpoint read from its headers (no tensor data is read): `total`,
-    and `quantized`, those NF4 loading puts in 4-bit (2-D Linear weights except the router and lm_head)."""
+    and `quantized`, those NF4 loading puts in 4-bit (2-D Linear weights except routers, gates and lm_head)."""
     from common.checkpoint import open_checkpoint
-    from continual.model import SKIP_QUANT
+    from continual.arch import skip_modules
 
     ckpt = open_checkpoint(folder)
+    skip = skip_modules(ckpt.config)
     total = quantized = 0
     for h in ckpt.headers.values():
         for name, info in h.tensors.items():
@@ -51,7 +52,7 @@ def checkpoint_params(folder: str | Path) -> dict[str, int]:
             total += n
             parts = name.split(".")
             if (len(info.shape) == 2 and name.endswith(".weight") and "embed_tokens" not in parts
-                    and not any(skip in parts for skip in SKIP_QUANT)):
+                    and not any(s in parts for s in skip)):
                 quantized += n
     return {"total": total, "quantized": quantized}
 
