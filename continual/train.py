@@ -207,211 +207,289 @@ def _make_accelerator(cfg: TrainConfig, launch: dict | None):
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Train a QLoRA adapter per `cfg`; returns OUT (with OUT/adapter). Re-running resumes."""
-    import functools
+    """Train a QLoRA adapter per `cfg`; returns OUT (with OUT/adapter). Re-running resumes.
 
-    import torch
-    from tqdm.auto import tqdm
-
+    The parts, in the order they run (torchtune's recipe layout): `_Run.build` (inputs, engine, model, optimizer),
+    `_Run.resume`, `_Run.fit` (`_Run.step` and `_Run.evaluate` per step, checkpoints) and `_Run.save`."""
     cfg.validate()
     started = time.time()
     out = Path(cfg.out)
     if cfg.resume and is_complete(out):
         print(f"{out}: already complete (manifest.json). Delete it or choose another out to train again.")
         return out
+    run = _Run(cfg, started)
+    run.build()
+    run.resume()
+    run.fit()
+    run.save()
+    return out
 
-    from continual import launcher
 
-    launch = launcher.launch_from_env()
-    if launch:  # before anything heavy: the launch YAML must agree with the train config
-        launcher.check_train_config_for(launch, cfg, launcher.ENV_WHERE, cuda=torch.cuda.is_available())
-    accelerator = _make_accelerator(cfg, launch)
-    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    main = accelerator.is_main_process
+class _Run:
+    """One training run: what its parts share. Attributes are set by `build` (in its order) and `resume`."""
 
-    # ---- inputs, checked before anything heavy ----
-    model_cfg = M.read_model_config(cfg.model)
-    vocab_size = int(model_cfg["vocab_size"])
-    tok_path = cfg.tokenizer or cfg.model
-    tokenizer = M.load_tokenizer(tok_path)
-    M.check_tokenizer_matches(tokenizer, vocab_size, tok_path, cfg.model)
-    train_ds = D.load_split(cfg.train_data, "train")
-    dev_src = cfg.dev_data or cfg.train_data
-    dev_ds = D.load_split(dev_src, "dev")
-    seq_len = D.block_length(train_ds, cfg.train_data, cfg.seq_len)
-    D.block_length(dev_ds, f"{dev_src} (dev split)", seq_len)
-    bos = D.same_bos(cfg.train_data, dev_src)  # recorded in the manifest; the eval stage scores documents alike
-    for ds, where in ((train_ds, cfg.train_data), (dev_ds, f"{dev_src} (dev split)")):
-        top = D.max_token_id(ds)
-        if top >= vocab_size:
-            raise input_error(where, f"holds token id {top} but the model has {vocab_size} embedding rows",
-                              "tokenize the corpus with the tokenizer of this model")
-    new_rows_start = (M.find_new_rows_start(cfg.model, len(tokenizer), cfg.new_rows_start)
-                      if cfg.embeddings == "new-rows" else None)
-    per_epoch = len(train_ds) // (cfg.micro_batch_size * world) // cfg.grad_accum
-    if per_epoch == 0:
-        raise input_error(cfg.train_data, f"has {len(train_ds)} blocks, fewer than one optimizer step needs "
-                                          f"({cfg.micro_batch_size * world * cfg.grad_accum})",
-                          "add data or lower micro_batch_size/grad_accum")
-    total_steps = cfg.max_steps or per_epoch * cfg.epochs
+    def __init__(self, cfg: TrainConfig, started: float):
+        self.cfg, self.started, self.out = cfg, started, Path(cfg.out)
+        self.step_n, self.micro_pos, self.tokens = 0, 0, 0
+        self.last_dev: dict[str, float] = {}
 
-    from accelerate.utils import DistributedType
+    # ---- build ----
+    def build(self) -> None:
+        """Everything before the first step; inputs and checkpoints are checked before the model loads."""
+        self._build_accelerator()
+        self._build_inputs()
+        self._build_engine()
+        self._check_out()
+        self._build_model()
+        self._build_optimizer()
 
-    fsdp = accelerator.distributed_type == DistributedType.FSDP
-    ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    zero3 = ds_plugin is not None and getattr(ds_plugin, "zero_stage", 0) == 3
-    # Engines whose processes each hold only a shard of the optimizer state (and maybe the parameters).
-    sharded = fsdp or accelerator.distributed_type == DistributedType.DEEPSPEED
-    engine = ("fsdp" if fsdp else f"deepspeed-zero{ds_plugin.zero_stage}" if ds_plugin is not None
-              else "ddp" if world > 1 else "single")
+    def _build_accelerator(self) -> None:
+        import torch
 
-    ckpts = checkpoint_dirs(out)
-    if ckpts and not cfg.resume:
-        raise input_error(out, "already holds checkpoints of a run", "set resume = true to continue it, or "
-                                                                     "choose another out")
-    if ckpts:
-        _check_resume_config(out, cfg)
-        check_processes(ckpts[-1], world, engine)  # before the model loads
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / RUN_CONFIG, cfg)
+        from continual import launcher
 
-    # ---- model ----
-    compute_dtype = M.resolve_compute_dtype(cfg.compute_dtype)
-    torch.manual_seed(cfg.seed)
-    if (fsdp or zero3) and cfg.quant_storage != "bfloat16":
-        raise GraftError(f"{'FSDP' if fsdp else 'DeepSpeed ZeRO-3'} shards only float tensors. Fix: set "
-                         'quant_storage = "bfloat16" in the train config')
-    # Sharded engines place (and shard) the weights themselves; otherwise each process loads onto its GPU.
-    device_map = {"": device} if device.type == "cuda" and not (fsdp or zero3) else None
-    model = M.load_base_4bit(cfg.model, compute_dtype, cfg.quant_storage, device_map=device_map)
-    M.check_target_modules(model, cfg.target_modules, cfg.model)
-    is_moe = hasattr(model.config, "num_local_experts")
-    use_aux = bool(is_moe and cfg.router_aux_loss)
-    if is_moe:
-        model.config.output_router_logits = use_aux
-        if cfg.router_aux_loss_coef is not None:
-            model.config.router_aux_loss_coef = cfg.router_aux_loss_coef
-            model.router_aux_loss_coef = cfg.router_aux_loss_coef
-    aux_coef = float(getattr(model, "router_aux_loss_coef", 0.0)) if use_aux else 0.0
-    model.config.use_cache = False
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    with _whole_params_for_peft(zero3):
-        model = M.add_adapters(model, cfg, len(tokenizer), new_rows_start)
-    if fsdp:
-        _fsdp_units(accelerator, model, compute_dtype)
+        cfg = self.cfg
+        launch = launcher.launch_from_env()
+        if launch:  # before anything heavy: the launch YAML must agree with the train config
+            launcher.check_train_config_for(launch, cfg, launcher.ENV_WHERE, cuda=torch.cuda.is_available())
+        self.accelerator = accelerator = _make_accelerator(cfg, launch)
+        self.rank, self.world, self.device = accelerator.process_index, accelerator.num_processes, accelerator.device
+        self.main = accelerator.is_main_process
 
-    emb_names = M.embedding_param_names(model)
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    emb_lr = cfg.embedding_lr if cfg.embedding_lr is not None else cfg.learning_rate / 2
-    groups = [{"params": [p for n, p in trainable if n not in emb_names], "lr": cfg.learning_rate},
-              {"params": [p for n, p in trainable if n in emb_names], "lr": emb_lr}]
-    groups = [g for g in groups if g["params"]]
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    warmup = max(1, round(cfg.warmup_ratio * total_steps)) if cfg.warmup_ratio > 0 else 0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, cfg.min_lr_ratio))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    # A parameter without a gradient in a step (an expert no token was routed to, new-row deltas of a batch
-    # without new ids) must not stall DDP's gradient reduction, and every engine must step it alike: DeepSpeed
-    # and FSDP keep flat buffers, where it gets a zero gradient (AdamW then decays its moments and counts the
-    # step). So it gets an explicit zero gradient everywhere, one process included. ZeRO-3 (each MoE block one
-    # leaf per the launch YAML) and FSDP hold parameters sharded outside forward and zero-fill their flat
-    # gradients by themselves.
-    train_params = [p for _, p in trainable]
-    every_param_used = not (zero3 or fsdp)
-    raw_model = accelerator.unwrap_model(model)
+    def _build_inputs(self) -> None:
+        """Tokenizer, train/dev blocks and the schedule length, checked before anything heavy."""
+        cfg = self.cfg
+        model_cfg = M.read_model_config(cfg.model)
+        self.vocab_size = vocab_size = int(model_cfg["vocab_size"])
+        self.tok_path = cfg.tokenizer or cfg.model
+        self.tokenizer = M.load_tokenizer(self.tok_path)
+        M.check_tokenizer_matches(self.tokenizer, vocab_size, self.tok_path, cfg.model)
+        self.train_ds = train_ds = D.load_split(cfg.train_data, "train")
+        self.dev_src = dev_src = cfg.dev_data or cfg.train_data
+        self.dev_ds = dev_ds = D.load_split(dev_src, "dev")
+        self.seq_len = D.block_length(train_ds, cfg.train_data, cfg.seq_len)
+        D.block_length(dev_ds, f"{dev_src} (dev split)", self.seq_len)
+        # recorded in the manifest; the eval stage scores documents alike
+        self.bos = D.same_bos(cfg.train_data, dev_src)
+        for ds, where in ((train_ds, cfg.train_data), (dev_ds, f"{dev_src} (dev split)")):
+            top = D.max_token_id(ds)
+            if top >= vocab_size:
+                raise input_error(where, f"holds token id {top} but the model has {vocab_size} embedding rows",
+                                  "tokenize the corpus with the tokenizer of this model")
+        self.new_rows_start = (M.find_new_rows_start(cfg.model, len(self.tokenizer), cfg.new_rows_start)
+                               if cfg.embeddings == "new-rows" else None)
+        per_epoch = len(train_ds) // (cfg.micro_batch_size * self.world) // cfg.grad_accum
+        if per_epoch == 0:
+            raise input_error(cfg.train_data, f"has {len(train_ds)} blocks, fewer than one optimizer step needs "
+                                              f"({cfg.micro_batch_size * self.world * cfg.grad_accum})",
+                              "add data or lower micro_batch_size/grad_accum")
+        self.total_steps = cfg.max_steps or per_epoch * cfg.epochs
 
-    step, micro_pos, tokens = 0, 0, 0
-    if ckpts:
-        state = load_checkpoint(ckpts[-1], raw_model, optimizer, scheduler, rank, world)
-        step, micro_pos, tokens = state["step"], state["micro_pos"], state["tokens"]
-        if main:
-            print(f"resuming from {ckpts[-1]} (step {step} of {total_steps})")
+    def _build_engine(self) -> None:
+        from accelerate.utils import DistributedType
 
-    autocast = (functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
-                if compute_dtype == torch.bfloat16 else contextlib.nullcontext)
-    n_dev = len(dev_ds) if not cfg.eval_blocks else min(cfg.eval_blocks, len(dev_ds))
-    dev_bytes = D.utf8_bytes_of_blocks(dev_ds, tokenizer, n_dev)
-    logger = MetricsLogger(out, main, step)
+        accelerator = self.accelerator
+        self.fsdp = fsdp = accelerator.distributed_type == DistributedType.FSDP
+        ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        self.zero3 = ds_plugin is not None and getattr(ds_plugin, "zero_stage", 0) == 3
+        # Engines whose processes each hold only a shard of the optimizer state (and maybe the parameters).
+        self.sharded = fsdp or accelerator.distributed_type == DistributedType.DEEPSPEED
+        self.engine = ("fsdp" if fsdp else f"deepspeed-zero{ds_plugin.zero_stage}" if ds_plugin is not None
+                       else "ddp" if self.world > 1 else "single")
 
-    def run_eval() -> dict[str, float]:
-        nats, count = evaluate(model, dev_ds, n_dev, cfg.micro_batch_size, accelerator, autocast)
-        return {"dev_loss": nats / count, "dev_bpb": nats / math.log(2) / max(1, dev_bytes)}
+    def _check_out(self) -> None:
+        """OUT's checkpoints must belong to this run (settings, process count), checked before the model loads."""
+        cfg, out = self.cfg, self.out
+        self.ckpts = ckpts = checkpoint_dirs(out)
+        if ckpts and not cfg.resume:
+            raise input_error(out, "already holds checkpoints of a run", "set resume = true to continue it, or "
+                                                                         "choose another out")
+        if ckpts:
+            _check_resume_config(out, cfg)
+            check_processes(ckpts[-1], self.world, self.engine)  # before the model loads
+        if self.main:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(out / RUN_CONFIG, cfg)
 
-    if step == 0 and cfg.eval_every:
-        logger.log(0, tokens=0, **run_eval(), elapsed_s=round(time.time() - started, 3))
+    def _build_model(self) -> None:
+        """The 4-bit base with its adapters (and the MoE router's aux loss), ready for the engine."""
+        import torch
 
-    batches = D.micro_batches(len(train_ds), cfg.micro_batch_size, cfg.seed, micro_pos, rank, world)
-    tokens_per_step = cfg.micro_batch_size * seq_len * cfg.grad_accum * world
-    bar = tqdm(total=total_steps, initial=step, disable=not (cfg.progress and main), unit="step", dynamic_ncols=True)
-    model.train()
-    last_dev: dict[str, float] = {}
-    while step < total_steps:
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        aux_sum = torch.zeros((), device=device)
+        cfg, fsdp, zero3 = self.cfg, self.fsdp, self.zero3
+        self.compute_dtype = compute_dtype = M.resolve_compute_dtype(cfg.compute_dtype)
+        torch.manual_seed(cfg.seed)
+        if (fsdp or zero3) and cfg.quant_storage != "bfloat16":
+            raise GraftError(f"{'FSDP' if fsdp else 'DeepSpeed ZeRO-3'} shards only float tensors. Fix: set "
+                             'quant_storage = "bfloat16" in the train config')
+        # Sharded engines place (and shard) the weights themselves; otherwise each process loads onto its GPU.
+        device_map = {"": self.device} if self.device.type == "cuda" and not (fsdp or zero3) else None
+        model = M.load_base_4bit(cfg.model, compute_dtype, cfg.quant_storage, device_map=device_map)
+        M.check_target_modules(model, cfg.target_modules, cfg.model)
+        is_moe = hasattr(model.config, "num_local_experts")
+        use_aux = bool(is_moe and cfg.router_aux_loss)
+        if is_moe:
+            model.config.output_router_logits = use_aux
+            if cfg.router_aux_loss_coef is not None:
+                model.config.router_aux_loss_coef = cfg.router_aux_loss_coef
+                model.router_aux_loss_coef = cfg.router_aux_loss_coef
+        aux_coef = float(getattr(model, "router_aux_loss_coef", 0.0)) if use_aux else 0.0
+        self.use_aux, self.aux_coef = use_aux, aux_coef
+        model.config.use_cache = False
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with _whole_params_for_peft(zero3):
+            model = M.add_adapters(model, cfg, len(self.tokenizer), self.new_rows_start)
+        if fsdp:
+            _fsdp_units(self.accelerator, model, compute_dtype)
+        self.model = model
+
+    def _build_optimizer(self) -> None:
+        """AdamW (embeddings in a group of their own) and the schedule; the engine wraps model and optimizer."""
+        import torch
+
+        cfg, model = self.cfg, self.model
+        emb_names = M.embedding_param_names(model)
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        emb_lr = cfg.embedding_lr if cfg.embedding_lr is not None else cfg.learning_rate / 2
+        groups = [{"params": [p for n, p in trainable if n not in emb_names], "lr": cfg.learning_rate},
+                  {"params": [p for n, p in trainable if n in emb_names], "lr": emb_lr}]
+        groups = [g for g in groups if g["params"]]
+        optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        warmup = max(1, round(cfg.warmup_ratio * self.total_steps)) if cfg.warmup_ratio > 0 else 0
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(self.total_steps, warmup, cfg.min_lr_ratio))
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        # A parameter without a gradient in a step (an expert no token was routed to, new-row deltas of a batch
+        # without new ids) must not stall DDP's gradient reduction, and every engine must step it alike: DeepSpeed
+        # and FSDP keep flat buffers, where it gets a zero gradient (AdamW then decays its moments and counts the
+        # step). So it gets an explicit zero gradient everywhere, one process included. ZeRO-3 (each MoE block one
+        # leaf per the launch YAML) and FSDP hold parameters sharded outside forward and zero-fill their flat
+        # gradients by themselves.
+        self.train_params = [p for _, p in trainable]
+        self.every_param_used = not (self.zero3 or self.fsdp)
+        self.raw_model = self.accelerator.unwrap_model(self.model)
+
+    # ---- resume ----
+    def resume(self) -> None:
+        """Step, data position and token count (and the weights, optimizer, schedule) from the last checkpoint."""
+        if not self.ckpts:
+            return
+        state = load_checkpoint(self.ckpts[-1], self.raw_model, self.optimizer, self.scheduler, self.rank, self.world)
+        self.step_n, self.micro_pos, self.tokens = state["step"], state["micro_pos"], state["tokens"]
+        if self.main:
+            print(f"resuming from {self.ckpts[-1]} (step {self.step_n} of {self.total_steps})")
+
+    # ---- the loop: step, evaluate, checkpoints ----
+    def fit(self) -> None:
+        """Steps up to `total_steps`, with dev evaluations, metrics and checkpoints."""
+        import functools
+
+        import torch
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        self.autocast = (functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16)
+                         if self.compute_dtype == torch.bfloat16 else contextlib.nullcontext)
+        self.n_dev = len(self.dev_ds) if not cfg.eval_blocks else min(cfg.eval_blocks, len(self.dev_ds))
+        self.dev_bytes = D.utf8_bytes_of_blocks(self.dev_ds, self.tokenizer, self.n_dev)
+        self.logger = MetricsLogger(self.out, self.main, self.step_n)
+        if self.step_n == 0 and cfg.eval_every:
+            self.logger.log(0, tokens=0, **self.evaluate(), elapsed_s=round(time.time() - self.started, 3))
+
+        self.batches = D.micro_batches(len(self.train_ds), cfg.micro_batch_size, cfg.seed, self.micro_pos,
+                                       self.rank, self.world)
+        self.tokens_per_step = cfg.micro_batch_size * self.seq_len * cfg.grad_accum * self.world
+        bar = tqdm(total=self.total_steps, initial=self.step_n, disable=not (cfg.progress and self.main),
+                   unit="step", dynamic_ncols=True)
+        self.model.train()
+        while self.step_n < self.total_steps:
+            t0 = time.perf_counter()
+            loss, aux, grad_norm = self.step()
+            tps = self.tokens_per_step / (time.perf_counter() - t0)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}",
+                            **({k: f"{v:.4f}" for k, v in self.last_dev.items()}))
+            self._after_step(loss, aux, grad_norm, tps)
+        bar.close()
+        self.logger.close()
+
+    def step(self) -> tuple[float, float, object]:
+        """One optimizer step over `grad_accum` micro-batches: (mean loss, mean aux loss, grad norm or None)."""
+        import torch
+
+        cfg, accelerator, model, optimizer = self.cfg, self.accelerator, self.model, self.optimizer
+        loss_sum = torch.zeros((), device=self.device)
+        aux_sum = torch.zeros((), device=self.device)
         grad_norm = None
         for _ in range(cfg.grad_accum):
-            micro_pos, idx = next(batches)
-            micro_pos += 1
-            batch = _batch(train_ds, idx, device)
+            micro_pos, idx = next(self.batches)
+            self.micro_pos = micro_pos + 1
+            batch = _batch(self.train_ds, idx, self.device)
             with accelerator.accumulate(model):
-                zero = _zero_contribution(train_params) if every_param_used else None  # before the forward
-                with autocast():
-                    res = model(input_ids=batch, labels=batch, output_router_logits=use_aux, use_cache=False)
+                zero = _zero_contribution(self.train_params) if self.every_param_used else None  # before the forward
+                with self.autocast():
+                    res = model(input_ids=batch, labels=batch, output_router_logits=self.use_aux, use_cache=False)
                 accelerator.backward(res.loss if zero is None else res.loss + zero)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += res.loss.detach().float()
-            if use_aux and res.aux_loss is not None:
+            if self.use_aux and res.aux_loss is not None:
                 aux_sum += res.aux_loss.detach().float()
-        scheduler.step()
-        step += 1
-        tokens += tokens_per_step
+        self.scheduler.step()
+        self.step_n += 1
+        self.tokens += self.tokens_per_step
         loss = float(accelerator.reduce(loss_sum, "mean")) / cfg.grad_accum
         aux = float(accelerator.reduce(aux_sum, "mean")) / cfg.grad_accum
-        dt = time.perf_counter() - t0
-        tps = tokens_per_step / dt
         if not math.isfinite(loss):
-            raise GraftError(f"the loss became {loss} at step {step}. Fix: lower learning_rate/embedding_lr, or resume "
-                             "from an earlier checkpoint")
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", **({k: f"{v:.4f}" for k, v in last_dev.items()}))
-        dev = run_eval() if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps else {}
-        if dev:
-            last_dev = dev
-        if step % cfg.log_every == 0 or dev or step == total_steps:
-            lrs = scheduler.get_last_lr()
-            logger.log(step, tokens=tokens, lr=lrs[0], embedding_lr=lrs[1] if len(lrs) > 1 else None, loss=loss,
-                       ce_loss=loss - aux_coef * aux, aux_loss=aux if use_aux else None,
-                       grad_norm=None if grad_norm is None else float(grad_norm), tokens_per_s=round(tps, 1),
-                       **dev, elapsed_s=round(time.time() - started, 3))
-        if (cfg.save_every and step % cfg.save_every == 0) and step < total_steps:
-            save_checkpoint(out, step, raw_model, optimizer, scheduler,
-                            {"micro_pos": micro_pos, "tokens": tokens, "engine": engine}, cfg.keep_checkpoints,
-                            rank, world,
-                            barrier=accelerator.wait_for_everyone, sharded=sharded)
-    bar.close()
-    logger.close()
+            raise GraftError(f"the loss became {loss} at step {self.step_n}. Fix: lower learning_rate/embedding_lr, "
+                             "or resume from an earlier checkpoint")
+        return loss, aux, grad_norm
 
-    accelerator.wait_for_everyone()
-    # Under ZeRO-3/FSDP the parameters are sharded: gather a full state dict (every process takes part).
-    full_state = (_fsdp_trained_weights(model, raw_model) if fsdp else
-                  accelerator.get_state_dict(model) if zero3 else None)
-    if main:
-        _save_adapter(out, raw_model, tokenizer, cfg, vocab_size, new_rows_start, full_state)
-        write_manifest(out, stage="continual.train", config=cfg,
-                       inputs={"model": cfg.model, "tokenizer": tok_path, "train_data": cfg.train_data,
-                               "dev_data": dev_src},
-                       counts={"steps": step, "tokens": tokens, "train_blocks": len(train_ds),
-                               "dev_blocks": n_dev, "dev_bytes": dev_bytes, "seq_len": seq_len,
-                               "processes": world, **M.count_4bit_params(raw_model)},
-                       started=started, final_dev=last_dev, adapter=ADAPTER_DIR, bos=bos)
-    accelerator.wait_for_everyone()
-    return out
+    def evaluate(self) -> dict[str, float]:
+        """Dev loss (nats per token) and bits per UTF-8 byte of the first `n_dev` dev blocks."""
+        nats, count = evaluate(self.model, self.dev_ds, self.n_dev, self.cfg.micro_batch_size, self.accelerator,
+                               self.autocast)
+        return {"dev_loss": nats / count, "dev_bpb": nats / math.log(2) / max(1, self.dev_bytes)}
+
+    def _after_step(self, loss: float, aux: float, grad_norm, tps: float) -> None:
+        """Dev evaluation, the metrics row and a checkpoint, each when this step is due for it."""
+        cfg, step, last = self.cfg, self.step_n, self.step_n == self.total_steps
+        dev = self.evaluate() if (cfg.eval_every and step % cfg.eval_every == 0) or last else {}
+        if dev:
+            self.last_dev = dev
+        if step % cfg.log_every == 0 or dev or last:
+            lrs = self.scheduler.get_last_lr()
+            self.logger.log(step, tokens=self.tokens, lr=lrs[0], embedding_lr=lrs[1] if len(lrs) > 1 else None,
+                            loss=loss, ce_loss=loss - self.aux_coef * aux, aux_loss=aux if self.use_aux else None,
+                            grad_norm=None if grad_norm is None else float(grad_norm), tokens_per_s=round(tps, 1),
+                            **dev, elapsed_s=round(time.time() - self.started, 3))
+        if (cfg.save_every and step % cfg.save_every == 0) and not last:
+            save_checkpoint(self.out, step, self.raw_model, self.optimizer, self.scheduler,
+                            {"micro_pos": self.micro_pos, "tokens": self.tokens, "engine": self.engine},
+                            cfg.keep_checkpoints, self.rank, self.world,
+                            barrier=self.accelerator.wait_for_everyone, sharded=self.sharded)
+
+    # ---- save ----
+    def save(self) -> None:
+        """OUT/adapter and OUT/manifest.json (main process), after every process has finished its steps."""
+        cfg, accelerator = self.cfg, self.accelerator
+        accelerator.wait_for_everyone()
+        # Under ZeRO-3/FSDP the parameters are sharded: gather a full state dict (every process takes part).
+        full_state = (_fsdp_trained_weights(self.model, self.raw_model) if self.fsdp else
+                      accelerator.get_state_dict(self.model) if self.zero3 else None)
+        if self.main:
+            _save_adapter(self.out, self.raw_model, self.tokenizer, cfg, self.vocab_size, self.new_rows_start,
+                          full_state)
+            write_manifest(self.out, stage="continual.train", config=cfg,
+                           inputs={"model": cfg.model, "tokenizer": self.tok_path, "train_data": cfg.train_data,
+                                   "dev_data": self.dev_src},
+                           counts={"steps": self.step_n, "tokens": self.tokens, "train_blocks": len(self.train_ds),
+                                   "dev_blocks": self.n_dev, "dev_bytes": self.dev_bytes, "seq_len": self.seq_len,
+                                   "processes": self.world, **M.count_4bit_params(self.raw_model)},
+                           started=self.started, final_dev=self.last_dev, adapter=ADAPTER_DIR, bos=self.bos)
+        accelerator.wait_for_everyone()
 
 
 def _save_adapter(out: Path, model, tokenizer, cfg: TrainConfig, vocab_size: int, new_rows_start: int | None,
