@@ -1,4 +1,4 @@
-"""`graft vocab pick`: print the chosen candidate of a score folder, optionally overriding the knee."""
+"""`graft vocab pick`: print the chosen candidate of a score folder, optionally overriding the knee (read only)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -14,8 +14,9 @@ class PickConfig:
 
     Without options: the knee of the ALP curves, then the highest ALP at that size (what `vocab score`
     chose). --size N takes the highest-ALP candidate of size N; --chars C restricts to that curve (its own
-    knee unless --size is given too). The choice is recorded in the folder's manifest.json ("pick"),
-    where the next workflow stage reads it.
+    knee unless --size is given too). It only reads: the score folder stays as `vocab score` finished
+    it (its manifest.json keeps the knee's pick); a workflow's `vocab.pick` stage writes its choice to a
+    folder of its own (workflows/pick.py).
 
     Example:
       graft vocab pick runs/scores --size 20000
@@ -46,19 +47,11 @@ def read_scores(scores_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]]
 
 
 def pick(cfg: PickConfig) -> Path:
-    """Choose (knee or override), record it in manifest.json and scores.json, return the .model path."""
+    """The chosen candidate's path (knee or override); writes nothing."""
     from analysis.knee import choose
-    from common.io import atomic_write_json
 
-    d = Path(cfg.scores_dir)
-    scores, manifest = read_scores(d)
-    result = choose(scores["rows"], size=cfg.size, chars=cfg.chars)
-    # scores.json first, manifest last: the manifest is the record the next stage reads.
-    scores["pick"], scores["knee"] = result["pick"], result["knee"]
-    atomic_write_json(d / "scores.json", scores)
-    manifest["pick"], manifest["knee"] = result["pick"], result["knee"]
-    atomic_write_json(d / "manifest.json", manifest)
-    return Path(result["pick"]["path"])
+    scores, _ = read_scores(cfg.scores_dir)
+    return Path(choose(scores["rows"], size=cfg.size, chars=cfg.chars)["pick"]["path"])
 
 
 def run(cfg: PickConfig) -> Path:
