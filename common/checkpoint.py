@@ -51,11 +51,16 @@ _COPY_CHUNK = 64 << 20
 _MAX_HEADER = 100 << 20
 
 
-def torch_dtype(st_dtype: str):
-    """The torch dtype for a safetensors dtype name ("BF16" -> torch.bfloat16)."""
+# The dtype names of the configs (merge dtype, compute_dtype, quant_storage) as safetensors names.
+_CONFIG_DTYPES = {"bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16", "fp32": "F32",
+                  "float32": "F32", "uint8": "U8"}
+
+
+def torch_dtype(name: str):
+    """The torch dtype for a safetensors dtype name ("BF16") or a config's ("bf16", "bfloat16") -> torch.bfloat16."""
     import torch
 
-    return getattr(torch, _TORCH_DTYPES[st_dtype])
+    return getattr(torch, _TORCH_DTYPES[_CONFIG_DTYPES.get(name, name)])
 
 
 def safetensors_dtype(dtype) -> str:

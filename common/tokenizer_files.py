@@ -20,6 +20,10 @@ from typing import Any, Iterable
 
 from common.errors import GraftError, input_error
 
+# Every file a Hugging Face tokenizer folder may hold (SentencePiece and byte-level BPE): copied together, and
+# never taken from a model folder when another tokenizer is written beside its weights.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
 SPM_FILE = "tokenizer.model"
 HF_FILE = "tokenizer.json"
 # SentencePiece piece types (sentencepiece_model.proto).

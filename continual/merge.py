@@ -26,15 +26,13 @@ from common.checkpoint import (CONFIG_FILE, Checkpoint, TensorPlan, copy_side_fi
 from common.errors import GraftError, input_error
 from common.io import atomic_path, atomic_write_json, read_json, remove_stale_temps, write_manifest
 from common.rerun import guard
+from common.tokenizer_files import TOKENIZER_FILES
 from continual.config import MergeConfig
 from continual.fingerprint import base_fingerprint
-from continual.model import torch_dtype as dtype_by_name
+from continual.train import ADAPTER_INFO
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_INFO = "graft_adapter.json"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.jinja")
 _PREFIX = "base_model.model."
 _FLOAT = {"F64", "F32", "F16", "BF16"}
 
@@ -284,13 +282,13 @@ def merge_adapter(cfg: MergeConfig) -> Path:
     skip, rerun = guard(cfg, out, stage="continual.merge", inputs={"base": cfg.base, "adapter": adapter_dir})
     if skip:
         return out
-    out_dtype = None if cfg.dtype == "auto" else dtype_by_name(cfg.dtype)
+    out_dtype = None if cfg.dtype == "auto" else torch_dtype(cfg.dtype)
     acfg, header, info = read_adapter(adapter_dir)
     base = open_checkpoint(cfg.base)
     check_adapter_base(base, info, adapter_dir, cfg.allow_other_base)
     plan, counts = plan_merge(base, adapter_dir, acfg, header, out_dtype)  # shapes, tensor by tensor
     remove_stale_temps(out)  # a killed earlier run's partial checkpoint
-    base_check = "graft_adapter.json" if info else check_plain_adapter(base, acfg, adapter_dir, cfg.allow_other_base)
+    base_check = ADAPTER_INFO if info else check_plain_adapter(base, acfg, adapter_dir, cfg.allow_other_base)
     tok_src = adapter_dir if any((adapter_dir / f).is_file() for f in TOKENIZER_FILES) else Path(cfg.base)
     with atomic_path(out) as tmp:
         tmp.mkdir()

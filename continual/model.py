@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from common.checkpoint import torch_dtype
 from common.errors import GraftError, input_error
 from common.io import read_json
 from continual import arch as A
@@ -16,13 +17,6 @@ from continual import arch as A
 # Kept out of 4-bit: routers and shared-expert gates (a 4-bit router crashes CPU eval and is tiny anyway) and
 # lm_head, the output layer (trainable in most runs, and precision-critical); per architecture: continual/arch.py.
 EMBED_NAMES = ("embed_tokens", "lm_head")
-
-
-def torch_dtype(name: str):
-    import torch
-
-    return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-            "fp32": torch.float32, "float32": torch.float32, "uint8": torch.uint8}[name]
 
 
 def resolve_compute_dtype(name: str):
