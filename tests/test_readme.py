@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,12 +22,14 @@ def test_readme_cli_examples_run(tmp_path):
     # Run with this interpreter's graft, from the repository root, as a user would.
     script = script.replace(".venv/bin/python", sys.executable)
     script = script.replace("G=.venv/bin/graft", f"G='{sys.executable} -m workflows.cli'")
-    shutil.rmtree(ROOT / "runs" / "readme", ignore_errors=True)
+    # Its outputs go to a temporary folder, not to the repository's runs/readme.
+    runs = tmp_path / "readme"
+    script = script.replace("runs/readme", str(runs))
+    assert "runs/readme" not in script
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run(["bash", "-e", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    runs = ROOT / "runs" / "readme"
     for stage in ("cands", "scores", "tok", "audit", "grown", "prep_news", "mix", "train", "merged",
                   "nemo_tok", "nemo_cands", "nemo_scores", "nemo_graft", "nemo_audit", "nemo_grown"):
         assert json.loads((runs / stage / "manifest.json").read_text())["status"] == "done", stage
