@@ -95,7 +95,9 @@ def _run_stage(ns: argparse.Namespace) -> None:
 
 def status_rows(workflow: str | Path, runs: str | None = None) -> list[dict]:
     from common.io import read_json
-    from workflows.engine import State, _fmt_s, plan
+    from workflows.engine import _fmt_s
+    from workflows.plan import plan
+    from workflows.state import State
     from workflows.figures import key_figures
     from workflows.spec import load_workflow
 

@@ -15,11 +15,12 @@ How a stage is judged (see docs/workflows.md):
   (interrupted). Re-running it with the same fingerprint resumes in place when the stage kind
   is resumable (corpus shards, training checkpoints); otherwise its folder is cleared and it
   restarts. A changed stage's old output is removed before it re-runs.
+
+The parts: workflows/state.py (state file, lock), workflows/fingerprints.py (fingerprints, output ids),
+workflows/plan.py (every stage's status, without running anything), and here: running the stages.
 """
 from __future__ import annotations
 
-import dataclasses
-import glob
 import hashlib
 import json
 import os
@@ -27,18 +28,14 @@ import shutil
 import signal
 import socket
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from common.errors import GraftError
-from common.io import MANIFEST, atomic_write_json, file_sha256, is_complete, read_json, to_jsonable
-from workflows.spec import Stage, Workflow, build_config, config_fields, iter_strings, parse_ref
-
-STATE_FILE = ".graft-state.json"
-LOCK_FILE = ".graft-lock"
-CONTENT_HASH_LIMIT = 64 << 20  # bigger files are fingerprinted by size + mtime
+from common.io import MANIFEST, atomic_write_json, is_complete, read_json
+from workflows.fingerprints import _workflow_section, effective_values
+from workflows.plan import StageStatus, plan
+from workflows.spec import Stage, Workflow, build_config
+from workflows.state import State, _lock
 
 Echo = Callable[[str], None]
 
@@ -47,263 +44,7 @@ def _echo(msg: str) -> None:
     print(msg, flush=True)
 
 
-# ---------------------------------------------------------------- state file
-
-class State:
-    """The workflow's state file: per-stage records and a cache of input-file hashes."""
-
-    def __init__(self, wf: Workflow):
-        self.path = wf.home / STATE_FILE
-        data = read_json(self.path) if self.path.is_file() else {}
-        self.stages: dict[str, dict[str, Any]] = data.get("stages", {})
-        self.hash_cache: dict[str, list] = data.get("hash_cache", {})
-        self.workflow = str(wf.path)
-
-    def save(self) -> None:
-        atomic_write_json(self.path, {"workflow": self.workflow, "stages": self.stages,
-                                      "hash_cache": self.hash_cache})
-
-    def record(self, name: str) -> dict[str, Any]:
-        return self.stages.get(name, {})
-
-
-def _pid_alive(pid: int | None, host: str | None) -> bool:
-    if not pid:
-        return False
-    if host and host != socket.gethostname():
-        return True  # cannot check a process on another machine; assume it runs
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-# ---------------------------------------------------------------- fingerprints
-
-def _hash_path(path: Path, cache: dict[str, list]) -> str:
-    """Content hash of a file, or of a folder's files (names + hashes); big files by size+mtime."""
-    if path.is_dir():
-        h = hashlib.sha256()
-        for p in sorted(path.rglob("*")):
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts):
-                h.update(f"{p.relative_to(path).as_posix()}\0{_hash_path(p, cache)}\n".encode())
-        return "dir:" + h.hexdigest()
-    st = path.stat()
-    if st.st_size > CONTENT_HASH_LIMIT:
-        return f"stat:{st.st_size}:{st.st_mtime_ns}"
-    key = str(path.resolve())
-    hit = cache.get(key)
-    if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
-        return hit[2]
-    digest = "sha256:" + file_sha256(path)
-    cache[key] = [st.st_size, st.st_mtime_ns, digest]
-    return digest
-
-
-def _external_inputs(values: dict[str, Any], cache: dict[str, list]) -> dict[str, str]:
-    """Hashes of the existing files/folders (and glob matches) named by non-reference strings."""
-    out: dict[str, str] = {}
-    for s in iter_strings(values):
-        if parse_ref(s) is not None or not s or len(s) > 4096 or "{@" in s:
-            continue
-        if any(c in s for c in "*?["):
-            matches = sorted(glob.glob(s, recursive=True))
-            if matches:
-                h = hashlib.sha256()
-                for m in matches:
-                    h.update(f"{m}\0{_hash_path(Path(m), cache)}\n".encode())
-                out[s] = "glob:" + h.hexdigest()
-            continue
-        try:
-            p = Path(s)
-            if p.exists():
-                out[s] = _hash_path(p, cache)
-        except OSError:
-            continue
-    return out
-
-
-def effective_values(stage: Stage) -> dict[str, Any]:
-    """TOML values plus the config's defaults (the output folder excluded)."""
-    vals: dict[str, Any] = {}
-    for name, (f, _) in config_fields(stage.config_class).items():
-        if name == stage.kind.out_field:
-            continue
-        if name in stage.values:
-            vals[name] = stage.values[name]
-        elif f.default is not dataclasses.MISSING:
-            vals[name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            vals[name] = f.default_factory()
-    return to_jsonable(vals)
-
-
-def _volatile(stage: Stage) -> set[str]:
-    return {"progress", *stage.kind.volatile}
-
-
-def _non_default_values(stage: Stage) -> dict[str, Any]:
-    """The TOML values that differ from the config's defaults.
-
-    Hashing these (not the full effective config) means a field added to a stage's config in a
-    new version, or a value written out that equals its default, does not re-run a two-week
-    stage. The flip side: a changed *default* goes unnoticed; use --force after such an upgrade.
-    """
-    out = {}
-    effective = effective_values(stage)
-    for name, (f, _) in config_fields(stage.config_class).items():
-        if name == stage.kind.out_field or name not in stage.values or name in _volatile(stage):
-            continue
-        if f.default is not dataclasses.MISSING:
-            default = to_jsonable(f.default)
-        elif f.default_factory is not dataclasses.MISSING:
-            default = to_jsonable(f.default_factory())
-        else:
-            default = dataclasses.MISSING
-        if effective[name] != default:
-            out[name] = effective[name]
-    return out
-
-
-def fingerprint(stage: Stage, upstream_ids: dict[str, str | None], cache: dict[str, list]) -> tuple[str, dict]:
-    inputs = {f"@{d}": upstream_ids.get(d) for d in stage.deps}
-    inputs.update(_external_inputs(stage.values, cache))
-    blob = json.dumps({"kind": stage.kind.name, "config": _non_default_values(stage), "inputs": inputs},
-                      sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20], inputs
-
-
-def _workflow_section(out: Path) -> dict[str, Any] | None:
-    if not is_complete(out):
-        return None
-    try:
-        section = json.loads((out / MANIFEST).read_text(encoding="utf-8")).get("workflow")
-    except (OSError, json.JSONDecodeError):
-        return None
-    return section if isinstance(section, dict) else None
-
-
-# ---------------------------------------------------------------- status
-
-@dataclass
-class StageStatus:
-    stage: Stage
-    state: str  # done | stale | pending | failed | running | submitted; Slurm jobs also: cancelled | timeout
-    reason: str
-    fingerprint: str
-    inputs: dict[str, Any] = field(default_factory=dict)
-    duration_s: float | None = None
-    jobs: str = ""  # Slurm job ids of the stage, when it was submitted with --executor slurm
-    log: str = ""  # the log of a failed Slurm job
-    live_jobs: list[str] = field(default_factory=list)  # its jobs still pending or running
-
-
-def upstream_ids(wf: Workflow, stage: Stage) -> dict[str, str | None]:
-    """The output_id of every stage `stage` reads (None where it has no finished output)."""
-    ids = {}
-    for d in stage.deps:
-        sec = _workflow_section(wf.stage(d).out)
-        ids[d] = sec.get("output_id") if sec else None
-    return ids
-
-
-def plan(wf: Workflow, state: State, trusted: set[str] = frozenset()) -> list[StageStatus]:
-    """Every stage's state as of now, without running anything.
-
-    `trusted` stages (those before --from) count as done for their readers: their existing
-    output is what the later stages use. Stages submitted to Slurm are looked up there (squeue,
-    sacct) and in their jobs' completion markers.
-    """
-    from workflows import slurm_exec
-
-    result: dict[str, StageStatus] = {}
-    jobs = slurm_exec.query_records(state)
-    for stage in wf.stages:
-        fp, inputs = fingerprint(stage, upstream_ids(wf, stage), state.hash_cache)
-        rec = state.record(stage.name)
-        section = _workflow_section(stage.out)
-        not_done = [d for d in stage.deps if result[d].state != "done" and d not in trusted]
-        duration = (section or {}).get("duration_s") or rec.get("duration_s")
-        from_slurm = None
-        if rec.get("state") == "slurm" and not (section and section.get("fingerprint") == fp and not not_done):
-            from_slurm = slurm_exec.stage_status(wf, stage, rec, jobs, fp, inputs, has_output=section is not None)
-        if from_slurm is not None:
-            st = from_slurm
-        elif rec.get("state") == "running" and _pid_alive(rec.get("pid"), rec.get("host")):
-            st = StageStatus(stage, "running", f"pid {rec.get('pid')} on {rec.get('host')}", fp, inputs)
-        elif rec.get("state") == "submitted" and rec.get("fingerprint") == fp:
-            st = StageStatus(stage, "submitted", f"sbatch {rec.get('script')}", fp, inputs)
-        elif rec.get("state") in ("running", "failed") and rec.get("fingerprint") == fp:
-            why = rec.get("error") or "interrupted (the process ended mid-stage)"
-            st = StageStatus(stage, "failed", why, fp, inputs, rec.get("duration_s"))
-        elif section and section.get("fingerprint") == fp and not not_done:
-            st = StageStatus(stage, "done", "unchanged", fp, inputs, duration)
-        elif section or rec:
-            if not_done:
-                why = f"upstream {not_done[0]!r} is {result[not_done[0]].state}"
-            elif section is None:  # an interrupted run: what changed since it started, where recorded
-                why = _what_changed(rec, fp, inputs, stage) if "config" in rec else "no finished output"
-            else:
-                why = _what_changed(section, fp, inputs, stage)
-            st = StageStatus(stage, "stale", why, fp, inputs, duration)
-        else:
-            st = StageStatus(stage, "pending", "never run", fp, inputs)
-        if rec.get("state") == "slurm" and not st.jobs:
-            st.jobs = slurm_exec.job_ids(rec)
-        result[stage.name] = st
-    return list(result.values())
-
-
-def _what_changed(section: dict[str, Any], fp: str, inputs: dict[str, Any], stage: Stage) -> str:
-    old_cfg, new_cfg = section.get("config", {}), effective_values(stage)
-    keys = sorted(k for k in set(old_cfg) | set(new_cfg)
-                  if old_cfg.get(k) != new_cfg.get(k) and k not in _volatile(stage))
-    if keys:
-        return "config changed: " + ", ".join(keys)
-    old_in = section.get("inputs", {})
-    changed = sorted(k for k in set(old_in) | set(inputs) if old_in.get(k) != inputs.get(k))
-    ups = [k[1:] for k in changed if k.startswith("@")]
-    if ups:
-        return "upstream re-ran: " + ", ".join(ups)
-    if changed:
-        return "input changed: " + ", ".join(changed)
-    return "stage kind or version changed"
-
-
 # ---------------------------------------------------------------- running
-
-@contextmanager
-def _lock(wf: Workflow) -> Iterator[None]:
-    wf.home.mkdir(parents=True, exist_ok=True)
-    path = wf.home / LOCK_FILE
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                other = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                other = {}
-            if _pid_alive(other.get("pid"), other.get("host")):
-                raise GraftError(f"{path}: another `graft run` (pid {other.get('pid')} on {other.get('host')}) is "
-                                 "running this workflow. Fix: wait for it, or delete the lock file if that "
-                                 "process is gone") from None
-            path.unlink(missing_ok=True)  # left by a killed run
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        break
-    else:
-        raise GraftError(f"{path}: could not take the workflow lock. Fix: delete the file and retry")
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-
 
 def _on_sigterm(signum, frame):  # a batch scheduler's SIGTERM: record the stage as failed, then exit
     raise SystemExit(143)

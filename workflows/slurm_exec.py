@@ -28,7 +28,9 @@ from typing import Any, Callable
 
 from common.errors import GraftError
 from common.io import atomic_write_json, atomic_write_text, is_complete, read_json
-from workflows import slurm
+from workflows import fingerprints, slurm
+from workflows import plan as stage_plan
+from workflows import state as state_file
 from workflows.spec import Stage, Workflow
 
 Echo = Callable[[str], None]
@@ -82,7 +84,7 @@ def stage_status(wf: Workflow, stage: Stage, rec: dict[str, Any], jobs: dict[str
     """A Slurm-run stage's state from its jobs: the first of running, pending, failed, timeout,
     cancelled, lost (unknown to Slurm and no marker) that any job is in. None when every job completed
     and the stage has a finished output: whether that is done or stale is the plan's usual rule."""
-    from workflows.engine import StageStatus
+    from workflows.plan import StageStatus
 
     seen: list[tuple[str, str, str, str]] = []  # state, key, reason, log
     for key, label, log in _job_units(rec):
@@ -124,9 +126,8 @@ class _Action:
 
 def _config_fp(stage: Stage, cache: dict) -> str:
     """The stage's fingerprint without its upstream output ids (unknown before they have run)."""
-    from workflows.engine import fingerprint
 
-    return fingerprint(stage, {d: "-" for d in stage.deps}, cache)[0]
+    return fingerprints.fingerprint(stage, {d: "-" for d in stage.deps}, cache)[0]
 
 
 def _array_size(wf: Workflow, stage: Stage, res: slurm.SlurmResources) -> int:
@@ -152,10 +153,10 @@ def submit_workflow(wf: Workflow, *, from_stage: str | None = None, to_stage: st
     lo, hi = engine.stage_range(wf, from_stage, to_stage, force)
     if not dry_run:
         slurm._tool("sbatch")
-    with engine._lock(wf):
-        state = engine.State(wf)
+    with state_file._lock(wf):
+        state = state_file.State(wf)
         trusted = {s.name for s in wf.stages[:lo]}
-        statuses = {st.stage.name: st for st in engine.plan(wf, state, trusted)}
+        statuses = {st.stage.name: st for st in stage_plan.plan(wf, state, trusted)}
         actions = _decide(wf, state, statuses, lo, hi, set(force), echo)
         scripts = {a.stage.name: _write_scripts(wf, a, dry_run) for a in actions}
         if not dry_run:
@@ -178,8 +179,6 @@ def submit_workflow(wf: Workflow, *, from_stage: str | None = None, to_stage: st
 
 
 def _decide(wf: Workflow, state: Any, statuses: dict, lo: int, hi: int, forced: set[str], echo: Echo) -> list[_Action]:
-    from workflows import engine
-
     actions: list[_Action] = []
     redo: set[str] = set()
     n = len(wf.stages)
@@ -298,7 +297,8 @@ def _submit(wf: Workflow, state: Any, st: Any, a: _Action, scripts: dict[str, Pa
         return []
     rec = state.record(name)
     if a.fresh:
-        changed = engine._what_changed(rec, st.fingerprint, st.inputs, a.stage) if "config" in rec else st.reason
+        changed = (stage_plan._what_changed(rec, st.fingerprint, st.inputs, a.stage) if "config" in rec
+                   else st.reason)
         engine.keep_partial_work(a.stage, "forced (--force)" if name in a.forced else changed)
         engine._clear_output(a.stage, owned=bool(rec) and rec.get("out") == str(a.stage.out))
         shutil.rmtree(marker_dir(wf, name), ignore_errors=True)
@@ -315,8 +315,8 @@ def _submit(wf: Workflow, state: Any, st: Any, a: _Action, scripts: dict[str, Pa
     if "main" in scripts:
         job = slurm.sbatch(scripts["main"], after=after, stage=name)
         jobs.append({"id": job, "role": "job", "log": _log_of(scripts["main"])})
-    state.stages[name] = {"state": "slurm", "fingerprint": st.fingerprint, "config": engine.effective_values(a.stage),
-                          "inputs": st.inputs,
+    state.stages[name] = {"state": "slurm", "fingerprint": st.fingerprint,
+                          "config": fingerprints.effective_values(a.stage), "inputs": st.inputs,
                           "config_fp": _config_fp(a.stage, state.hash_cache), "out": str(a.stage.out),
                           "submitted": time.time(), "jobs": jobs, "tasks": a.tasks}
     state.save()  # after each stage: a failure further on still leaves these jobs recorded
@@ -343,10 +343,8 @@ def _ranges(tasks: list[int]) -> str:
 
 def cancel_workflow(wf: Workflow, echo: Echo = print) -> list[str]:
     """scancel the jobs this workflow's state file records that are still pending or running."""
-    from workflows import engine
-
-    state = engine.State(wf)
-    statuses = engine.plan(wf, state)
+    state = state_file.State(wf)
+    statuses = stage_plan.plan(wf, state)
     ids = sorted({j.split("_")[0] for st in statuses for j in st.live_jobs}, key=int)
     if not ids:
         echo(f"workflow {wf.name}: no pending or running Slurm jobs")
@@ -401,7 +399,8 @@ def run_stage_job(wf: Workflow, name: str, *, task: int | None = None, tasks: in
             if not is_complete(stage.out):
                 raise GraftError(f"stage {name!r} ended without writing {stage.out}/manifest.json")
             first = [_marker(wf, name, p.stem).get("started") for p in marker_dir(wf, name).glob("task-*.json")]
-            fp, inputs = engine.fingerprint(stage, engine.upstream_ids(wf, stage), dict(engine.State(wf).hash_cache))
+            fp, inputs = fingerprints.fingerprint(stage, fingerprints.upstream_ids(wf, stage),
+                                                  dict(state_file.State(wf).hash_cache))
             engine.record_output(wf, stage, fp, inputs, min([t for t in first if t] + [started]),
                                  slurm_job=job["job"])
         atomic_write_json(marker, {"state": "completed", **job, "finished": time.time()})
