@@ -120,3 +120,40 @@ def save_tiny_bytelevel_tokenizer(out: str | Path, texts, *, vocab_size: int = 1
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     (out / "special_tokens_map.json").write_text(json.dumps(special_map), encoding="utf-8")
     return out
+
+
+def tiny_config(model_type: str, vocab_size: int = 32000, hidden: int = 32, layers: int = 2, **kw):
+    """A tiny config of an architecture in continual/arch.py's table (untied, BOS 1 / EOS 2 as Mixtral's
+    tokenizer): Mixtral, Qwen2-MoE (4 experts + a shared expert), Qwen3-MoE, DeepSeek-V2 (q_proj) and DeepSeek-V3
+    (q_a/q_b, first layer dense, 4 routed + 1 shared expert), Llama, Mistral."""
+    from transformers import AutoConfig
+
+    if model_type == "mixtral":
+        return tiny_mixtral_config(vocab_size=vocab_size, hidden=hidden, layers=layers,
+                                   **{"intermediate": 2 * hidden, **kw})
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=1,
+                  eos_token_id=2, tie_word_embeddings=False)
+    moe = dict(moe_intermediate_size=hidden // 2, num_experts_per_tok=2)
+    per_type = {
+        "llama": {}, "mistral": {"head_dim": hidden // 4},
+        "qwen2_moe": {**moe, "num_experts": 4, "shared_expert_intermediate_size": hidden},
+        "qwen3_moe": {**moe, "num_experts": 4, "head_dim": hidden // 4},
+        **{t: {**moe, "num_key_value_heads": 4, "n_routed_experts": 4, "n_shared_experts": 1, "n_group": 1,
+               "topk_group": 1, "first_k_dense_replace": 1, "kv_lora_rank": hidden // 2, "qk_rope_head_dim": 8,
+               "qk_nope_head_dim": 8, "v_head_dim": 8, "q_lora_rank": q}
+           for t, q in (("deepseek_v2", None), ("deepseek_v3", hidden // 2))},
+    }
+    return AutoConfig.for_model(model_type, **{**common, **per_type[model_type], **kw})
+
+
+def save_tiny_model(out: str | Path, model_type: str, *, seed: int = 0, max_shard_size: str | int = "1MB",
+                    dtype: str = "float32", **config_kw) -> Path:
+    """A randomly initialised tiny model of `model_type` (see tiny_config), saved as safetensors shards."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **config_kw)).to(getattr(torch, dtype))
+    model.save_pretrained(out, max_shard_size=max_shard_size, safe_serialization=True)
+    return Path(out)

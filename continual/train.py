@@ -12,6 +12,7 @@ from pathlib import Path
 
 from common.errors import GraftError, input_error
 from common.io import atomic_path, atomic_write_json, is_complete, read_json, to_jsonable, write_manifest
+from continual import arch as A
 from continual import data as D
 from continual import model as M
 from continual.config import TrainConfig
@@ -264,6 +265,7 @@ class _Run:
         self.tok_path = cfg.tokenizer or cfg.model
         self.tokenizer = M.load_tokenizer(self.tok_path)
         M.check_tokenizer_matches(self.tokenizer, vocab_size, self.tok_path, cfg.model)
+        M.lora_targets(cfg.model, cfg.target_modules)  # auto: an architecture outside continual/arch.py fails here
         self.train_ds = train_ds = D.load_split(cfg.train_data, "train")
         self.dev_src = dev_src = cfg.dev_data or cfg.train_data
         self.dev_ds = dev_ds = D.load_split(dev_src, "dev")
@@ -325,9 +327,9 @@ class _Run:
         device_map = {"": self.device} if self.device.type == "cuda" and not (fsdp or zero3) else None
         model = M.load_base_4bit(cfg.model, compute_dtype, cfg.quant_storage, device_map=device_map)
         M.check_target_modules(model, cfg.target_modules, cfg.model)
-        is_moe = hasattr(model.config, "num_local_experts")
-        use_aux = bool(is_moe and cfg.router_aux_loss)
-        if is_moe:
+        has_aux = A.has_aux_loss(model.config)  # Mixtral, Qwen2/3-MoE (not DeepSeek's, nor dense models)
+        use_aux = bool(has_aux and cfg.router_aux_loss)
+        if has_aux:
             model.config.output_router_logits = use_aux
             if cfg.router_aux_loss_coef is not None:
                 model.config.router_aux_loss_coef = cfg.router_aux_loss_coef
@@ -501,4 +503,5 @@ def _save_adapter(out: Path, model, tokenizer, cfg: TrainConfig, vocab_size: int
         atomic_write_json(tmp / ADAPTER_INFO, {
             "base": str(Path(cfg.model).resolve()), "base_fingerprint": base_fingerprint(cfg.model),
             "vocab_size": vocab_size, "embeddings": cfg.embeddings, "new_rows_start": new_rows_start,
-            "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "target_modules": list(cfg.target_modules)})
+            "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha,
+            "target_modules": M.lora_targets(cfg.model, cfg.target_modules)})

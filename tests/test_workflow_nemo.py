@@ -19,11 +19,25 @@ def test_nemo_recipe_parses_and_validates():
     assert wf.stage("vocab_merge").values["base"] == v["base"]
     assert wf.stage("embed_init").values["model"] == "models/Mistral-Nemo-Base-2407"
     t = wf.stage("train").values
-    assert t["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    assert t["router_aux_loss"] is False
+    assert t["target_modules"] == ["auto"]
     for s in wf.stages:
         if s.kind.name == "corpus.prepare":
             assert s.deps == ["vocab_merge"]
+
+
+def test_nemo_auto_targets_are_the_dense_layers(tmp_path):
+    """target_modules = auto on MistralForCausalLM (Mistral-Nemo's class): attention + the dense MLP, no router
+    loss, and only lm_head out of 4-bit."""
+    from transformers import MistralConfig
+
+    from common.tiny import save_tiny_mistral
+    from continual import arch as A
+    from continual.model import lora_targets, read_model_config
+
+    model = save_tiny_mistral(tmp_path / "nemo", vocab_size=256)
+    assert lora_targets(model, ["auto"]) == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"]
+    assert A.skip_modules(read_model_config(model)) == ["lm_head"] and not A.has_aux_loss(MistralConfig())
 
 
 def test_byte_level_stages_run_as_a_workflow(tmp_path, tekken_path):
