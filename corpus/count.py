@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from common.errors import GraftError
 from corpus.blocks import SPLITS
-from corpus.mix import format_table
+from corpus.table import format_table
 from corpus.readers import DEFAULT_MAX_DOC_BYTES, ON_CORRUPT_HELP, check_on_corrupt
 from corpus.registry import DEFAULT_REGISTRY, get_dataset, load_registry, parse_split
 from corpus.shard import ShardJob, process_shard, remember_tokenizer, sum_counts

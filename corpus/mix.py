@@ -21,6 +21,7 @@ from common.io import atomic_path, write_manifest
 from common.rerun import guard, overwrite_field
 from corpus.blocks import MIX_INDICES, MIX_STAGE, PREPARE_STAGE, manifest_bos, read_complete_manifest
 from corpus.registry import DEFAULT_REGISTRY, load_registry
+from corpus.table import format_table
 
 _REPEAT, _FRACTION, _GLOBAL = 1, 2, 3  # seed-sequence tags, so each draw has its own stream
 
@@ -177,10 +178,3 @@ def budget_table(sources: list[dict], block_size: int) -> str:
                  f"{sum(s['selected_blocks'] for s in sources):,}", f"{sum(s['tokens'] for s in sources):,}", "100.0%"))
     return format_table(rows) + f"\n(block size {block_size} tokens; train split)"
 
-
-def format_table(rows: list[tuple]) -> str:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(str(c).ljust(w) if j == 0 else str(c).rjust(w) for j, (c, w) in enumerate(zip(r, widths)))
-             for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)

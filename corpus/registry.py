@@ -21,6 +21,7 @@ from pathlib import Path
 from common.errors import GraftError, input_error
 from common.io import atomic_write_text
 from corpus.readers import FORMATS, detect_format, expand_inputs
+from corpus.table import format_table
 
 DEFAULT_REGISTRY = "datasets.toml"
 DEFAULT_SPLIT = "999:1"
@@ -213,8 +214,6 @@ class ListConfig:
 
 
 def list_datasets(cfg: ListConfig) -> dict[str, DatasetEntry]:
-    from corpus.mix import format_table
-
     entries = load_registry(cfg.registry)
     rows = [("dataset", "files", "matched", "format", "text_field", "split", "encoded")]
     for name, e in entries.items():
