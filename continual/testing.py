@@ -108,3 +108,29 @@ def tiny_train_config(ws: dict[str, Path], out: str | Path, **kw):
                 save_every=4, warmup_ratio=0.1, progress=False)
     base.update(kw)
     return TrainConfig(**base)
+
+
+def train_killed_at(cfg, micro_batch: int) -> None:
+    """Run `graft train` with `cfg` and kill it (as a crash would) when it asks for micro-batch `micro_batch`
+    (0-based, counted from where this run starts); the checkpoints it wrote stay in cfg.out."""
+    from continual import data as D
+    from continual.train import train
+
+    real = D.micro_batches
+
+    def dies(*a, **kw):
+        for k, item in enumerate(real(*a, **kw)):
+            if k == micro_batch:
+                raise RuntimeError("killed")
+            yield item
+
+    D.micro_batches = dies
+    try:
+        train(cfg)
+    except RuntimeError as e:
+        if str(e) != "killed":
+            raise
+    else:
+        raise AssertionError(f"the run ended before micro-batch {micro_batch}")
+    finally:
+        D.micro_batches = real

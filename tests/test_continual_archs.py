@@ -13,7 +13,7 @@ from common.errors import GraftError
 from continual import arch as A
 from continual import data as D
 from continual.metrics import read_metrics
-from continual.testing import tiny_train_config, tiny_workspace
+from continual.testing import tiny_train_config, tiny_workspace, train_killed_at
 from continual.train import train
 
 E2E = ["qwen2_moe", "qwen3_moe", "deepseek_v3", "llama", "mistral"]
@@ -54,7 +54,7 @@ def _expected_sources(base_model_path, tok_dir) -> list[list[int]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", E2E)
-def test_embed_train_resume_merge_eval(model_type, ws, tmp_path, monkeypatch, base_model_path, news_lines):
+def test_embed_train_resume_merge_eval(model_type, ws, tmp_path, base_model_path, news_lines):
     from common.tiny import save_tiny_model
     from continual.config import MergeConfig
     from continual.merge import merge_adapter
@@ -96,18 +96,8 @@ def test_embed_train_resume_merge_eval(model_type, ws, tmp_path, monkeypatch, ba
     assert lora == set(new) - frozen16 and lora  # attention + every expert / shared expert / MLP Linear
 
     # ---- resume: killed during step 4 (after the step-2 checkpoint), re-run: the same curve and adapter, bit for bit
-    real = D.micro_batches
-
-    def dies_after(*a, **k):
-        for j, item in enumerate(real(*a, **k)):
-            if j == 3:
-                raise RuntimeError("killed")
-            yield item
-
-    monkeypatch.setattr(D, "micro_batches", dies_after)
-    with pytest.raises(RuntimeError, match="killed"):
-        train(tiny_train_config(ws, tmp_path / "resumed", **kw))
-    monkeypatch.setattr(D, "micro_batches", real)
+    train_killed_at(tiny_train_config(ws, tmp_path / "resumed", **kw), 3)
+    assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["step-000002"]
     resumed = train(tiny_train_config(ws, tmp_path / "resumed", **kw))
     keys = ("step", "lr", "loss", "aux_loss", "grad_norm", "dev_loss")
     assert [{k: r[k] for k in keys} for r in read_metrics(whole)] == [{k: r[k] for k in keys}
