@@ -81,7 +81,8 @@ class TrainConfig:
         "expected block length; an error if the data has another (default: the data's)"))
 
     router_aux_loss: bool = field(default=True, metadata=_h(
-        "add the MoE load-balancing loss (sets output_router_logits, which Mixtral leaves off by default)"))
+        "add the MoE load-balancing loss where the architecture has one (Mixtral, Qwen2/3-MoE: sets "
+        "output_router_logits, off by default in transformers; DeepSeek and dense models have none)"))
     router_aux_loss_coef: Optional[float] = field(default=None, metadata=_h(
         "its weight (default: the model config's router_aux_loss_coef)"))
     gradient_checkpointing: bool = field(default=True, metadata=_h("recompute activations in backward"))
