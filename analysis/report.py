@@ -6,17 +6,18 @@ loaded the way the eval stage loads models (workflows.evaluate.plan_load: in `dt
 GPUs or half the free RAM, else NF4 4-bit as training did); when neither fits (Mixtral-8x7B on a
 CPU-only machine), the sample is skipped and the report says so, with the sizes and the rule. Each
 section appears when its folder is given; a folder that is given but unfinished is an error naming it.
+The Markdown/HTML document model is analysis/doc.py; the generated sample, analysis/sample.py.
 """
 from __future__ import annotations
 
 import csv
-import html
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from analysis.doc import Doc, cell
 from common.errors import GraftError, input_error
 from common.io import atomic_path, is_complete, read_json, read_manifest, write_manifest
 from common.rerun import guard, listed, overwrite_field
@@ -57,101 +58,6 @@ class ReportConfig:
 
         check_load_settings(self.load, self.dtype)
         check_ranges(self, {"max_new_tokens": ">=0"})
-
-
-# ---------------------------------------------------------------- a tiny document model
-
-class Doc:
-    """Blocks rendered to both Markdown and HTML, so the two files always say the same thing."""
-
-    def __init__(self) -> None:
-        self.blocks: list[tuple[str, Any]] = []
-
-    def h(self, level: int, text: str) -> None:
-        self.blocks.append(("h", (level, text)))
-
-    def p(self, text: str) -> None:
-        self.blocks.append(("p", text))
-
-    def bullets(self, items: list[str]) -> None:
-        self.blocks.append(("ul", items))
-
-    def table(self, header: list[str], rows: list[list[Any]]) -> None:
-        self.blocks.append(("table", (header, [[_cell(c) for c in r] for r in rows])))
-
-    def img(self, name: str, alt: str) -> None:
-        self.blocks.append(("img", (name, alt)))
-
-    def code(self, text: str) -> None:
-        self.blocks.append(("code", text))
-
-    def markdown(self) -> str:
-        out = []
-        for kind, v in self.blocks:
-            if kind == "h":
-                out.append("#" * v[0] + " " + v[1])
-            elif kind == "p":
-                out.append(v)
-            elif kind == "ul":
-                out.append("\n".join(f"- {x}" for x in v))
-            elif kind == "table":
-                header, rows = v
-                esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-                out.append("\n".join(["| " + " | ".join(map(esc, header)) + " |", "|" + "---|" * len(header)]
-                                     + ["| " + " | ".join(map(esc, r)) + " |" for r in rows]))
-            elif kind == "img":
-                out.append(f"![{v[1]}]({v[0]})")
-            elif kind == "code":
-                out.append("```\n" + v + "\n```")
-        return "\n\n".join(out) + "\n"
-
-    def html(self, title: str) -> str:
-        e = html.escape
-        out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>"
-               "body{font-family:sans-serif;max-width:960px;margin:2em auto;padding:0 1em;line-height:1.45}"
-               "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #bbb;padding:3px 8px;"
-               "text-align:right}th{background:#eee}td:first-child{text-align:left}img{max-width:100%}"
-               "pre{background:#f6f6f6;padding:.6em;white-space:pre-wrap}code{background:#f6f6f6}</style>"
-               "</head><body>"]
-        for kind, v in self.blocks:
-            if kind == "h":
-                out.append(f"<h{v[0]}>{_inline(v[1])}</h{v[0]}>")
-            elif kind == "p":
-                out.append(f"<p>{_inline(v)}</p>")
-            elif kind == "ul":
-                out.append("<ul>" + "".join(f"<li>{_inline(x)}</li>" for x in v) + "</ul>")
-            elif kind == "table":
-                header, rows = v
-                out.append("<table><tr>" + "".join(f"<th>{e(str(h))}</th>" for h in header) + "</tr>"
-                           + "".join("<tr>" + "".join(f"<td>{_inline(str(c))}</td>" for c in r) + "</tr>"
-                                     for r in rows) + "</table>")
-            elif kind == "img":
-                out.append(f"<p><img src='{e(v[0])}' alt='{e(v[1])}'></p>")
-            elif kind == "code":
-                out.append(f"<pre>{e(v)}</pre>")
-        out.append("</body></html>")
-        return "\n".join(out) + "\n"
-
-
-def _inline(text: str) -> str:
-    """Markdown `code` and **bold** as HTML (the only inline markup the report uses)."""
-    import re
-
-    s = html.escape(text)
-    s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
-    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", s)
-
-
-def _cell(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, int):
-        return f"{v:,}"
-    if isinstance(v, float):
-        return f"{v:,.4f}" if abs(v) < 1000 else f"{v:,.1f}"
-    return str(v)
 
 
 # ---------------------------------------------------------------- inputs
@@ -218,7 +124,7 @@ def _tokenizer(doc: Doc, cfg: ReportConfig, summary: list[str]) -> None:
     items = [f"`{Path(cfg.tokenizer)}`: {c.get('vocab_size', '?'):,} pieces ({c.get('base_pieces', '?'):,} base)"]
     for k, v in c.items():
         if k not in ("vocab_size", "base_pieces") and isinstance(v, (int, float)):
-            items.append(f"{k.replace('_', ' ')}: {_cell(v)}")
+            items.append(f"{k.replace('_', ' ')}: {cell(v)}")
     doc.bullets(items)
     if "vocab_size" in c:
         summary.append(f"tokenizer: {c.get('base_pieces', 0):,} -> {c['vocab_size']:,} pieces")
@@ -269,7 +175,7 @@ def _embed(doc: Doc, cfg: ReportConfig) -> None:
     c = m.get("counts", {})
     doc.h(2, "Embedding initialisation")
     method = (m.get("config") or {}).get("method", "?")
-    doc.bullets([f"method: {method}"] + [f"{k.replace('_', ' ')}: {_cell(v)}" for k, v in c.items()
+    doc.bullets([f"method: {method}"] + [f"{k.replace('_', ' ')}: {cell(v)}" for k, v in c.items()
                                          if isinstance(v, (int, float))])
 
 
@@ -307,7 +213,7 @@ def _training(doc: Doc, cfg: ReportConfig, out: Path, summary: list[str]) -> Non
             doc.img("train_loss.png", "training and dev loss")
         c = tm.get("counts", {})
         tps = [_num(r.get("tokens_per_s")) for r in rows if _num(r.get("tokens_per_s"))]
-        items = [f"steps: {c.get('steps', '?')}, tokens: {_cell(c.get('tokens'))}, sequence length {c.get('seq_len')}"]
+        items = [f"steps: {c.get('steps', '?')}, tokens: {cell(c.get('tokens'))}, sequence length {c.get('seq_len')}"]
         bpb = [(int(r["step"]), _num(r.get("dev_bpb"))) for r in rows if _num(r.get("dev_bpb")) is not None]
         if dev:
             items.append(f"dev loss: {dev[0][1]:.4f} at step {dev[0][0]} -> {dev[-1][1]:.4f} at step {dev[-1][0]}")
@@ -319,7 +225,7 @@ def _training(doc: Doc, cfg: ReportConfig, out: Path, summary: list[str]) -> Non
             items.append(f"median throughput: {sorted(tps)[len(tps) // 2]:,.0f} tokens/s")
         for k in ("params_4bit", "params_total", "fraction_4bit", "share_4bit"):
             if k in c:
-                items.append(f"{k.replace('_', ' ')}: {_cell(c[k])}")
+                items.append(f"{k.replace('_', ' ')}: {cell(c[k])}")
         doc.bullets(items)
 
 
@@ -358,10 +264,8 @@ def _layout_words(bos: bool | None) -> str:
 
 
 def _merged(doc: Doc, cfg: ReportConfig, summary: list[str]) -> dict[str, Any]:
-    import torch
-    from transformers import AutoTokenizer
-
-    from workflows.evaluate import load_model, plan_load
+    from analysis.sample import generate_samples
+    from workflows.evaluate import plan_load
 
     _finished(cfg.merged, "merge")
     path = Path(cfg.merged).resolve()
@@ -377,19 +281,9 @@ def _merged(doc: Doc, cfg: ReportConfig, summary: list[str]) -> dict[str, Any]:
         doc.p(f"**Sample skipped**: {e}")
         summary.append("generated sample skipped: the merged model does not fit this machine")
         return {"path": str(path), "samples": [], "skipped": str(e)}
-    model = load_model(plan)
-    tok = AutoTokenizer.from_pretrained(str(path))
-    model.eval()
-    samples = []
-    for prompt in cfg.prompts:
-        torch.manual_seed(cfg.seed)
-        enc = tok(prompt, return_tensors="pt").to(model.device)
-        with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, do_sample=True, top_k=50, top_p=0.9,
-                                 temperature=0.8, repetition_penalty=1.2, pad_token_id=tok.eos_token_id)
-        text = tok.decode(gen[0], skip_special_tokens=True)
-        samples.append({"prompt": prompt, "text": text, "new_tokens": int(gen.shape[1] - enc["input_ids"].shape[1])})
-        doc.code(text)
+    samples = generate_samples(plan, cfg.prompts, cfg.max_new_tokens, cfg.seed)
+    for sample in samples:
+        doc.code(sample["text"])
     doc.p(f"Loaded as {plan.describe()} ({plan.rule}). Sampling: top-k 50, top-p 0.9, temperature 0.8, repetition "
           f"penalty 1.2, seed {cfg.seed}, {cfg.max_new_tokens} new tokens. A tiny demo model produces text-like "
           "noise; the point is that the merged checkpoint loads and generates with the extended tokenizer.")

@@ -55,7 +55,7 @@ def test_bits_per_byte_matches_direct_computation(tiny, news_lines, english_para
 
 
 def test_report_markdown_and_html_say_the_same():
-    from analysis.report import Doc
+    from analysis.doc import Doc
 
     d = Doc()
     d.h(2, "Dev bits per byte")
