@@ -24,6 +24,7 @@ from pathlib import Path
 
 from common.errors import GraftError, input_error
 from common.io import atomic_path, atomic_write_json, file_sha256, write_manifest
+from corpus.texts import read_jsonl_texts
 
 BASE_TOKENIZER = "base_tokenizer.model"
 LOSS_CSV = "losses.csv"
@@ -97,18 +98,6 @@ class DemoBaseConfig:
         check_ranges(self, {"hidden": ">=1", "intermediate": ">=1", "layers": ">=1", "experts": ">=1", "seq_len": ">=1",
                             "batch_size": ">=1", "steps": ">=1", "learning_rate": ">0", "eval_every": ">=0",
                             "eval_docs": ">=0"})
-
-
-def read_jsonl_texts(paths: list[str]) -> list[str]:
-    from corpus.readers import RejectLog, iter_texts
-
-    rejects = RejectLog()
-    texts = [r.text for r in iter_texts(paths, rejects=rejects)]
-    if rejects.total:
-        print(f"  {rejects.summary()}")
-    if not texts:
-        raise input_error(", ".join(paths), "no text", "pass non-empty .jsonl files with a 'text' field")
-    return texts
 
 
 def save_tokenizer_folder(model_file: str | Path, out: Path) -> None:

@@ -277,7 +277,7 @@ class EvalConfig:
 
 def evaluate_models(cfg: EvalConfig) -> Path:
     from common.tokenizer_files import load_fast_tokenizer
-    from workflows.demo_base import read_jsonl_texts
+    from corpus.texts import read_jsonl_texts
 
     if len(cfg.models) != len(cfg.labels):
         raise GraftError(f"{len(cfg.models)} models but {len(cfg.labels)} labels. Fix: give one label per model")
