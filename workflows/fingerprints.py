@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from common.io import MANIFEST, file_sha256, is_complete, to_jsonable
-from workflows.spec import Stage, Workflow, config_fields, iter_strings, parse_ref
+from workflows.refs import iter_strings, parse_ref
+from workflows.spec import Stage, Workflow, config_fields
 
 CONTENT_HASH_LIMIT = 64 << 20  # bigger files are fingerprinted by size + mtime
 

@@ -134,7 +134,7 @@ def _array_size(wf: Workflow, stage: Stage, res: slurm.SlurmResources) -> int:
     if res.tasks:
         return res.tasks
     from corpus.readers import expand_inputs
-    from workflows.spec import parse_ref, refs_in
+    from workflows.refs import parse_ref, refs_in
 
     files = stage.values.get("files") or []
     if not files or refs_in(files) or any(parse_ref(f) for f in files):

@@ -19,6 +19,7 @@ Format (see docs/workflows.md):
 Every other key is a field of the stage's config dataclass: unknown keys, wrong types and
 missing required keys are errors that name the file, the stage table and the key.
 Relative paths are relative to the current directory. `@@text` is the literal string `@text`.
+References are parsed and resolved in workflows/refs.py.
 """
 from __future__ import annotations
 
@@ -33,25 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import GraftError, input_error
+from workflows.refs import _Placeholders, _unescape, parse_ref, refs_in, resolve_value
 from workflows.registry import KINDS, StageKind, resolve_kind
 
 RESERVED = ("kind", "after", "launch")
-_REF = re.compile(r"^@(?P<stage>[A-Za-z0-9_.\-]+)(?:(?P<path>/.*)|#(?P<key>.+))?$")
-# A reference inside a longer string, e.g. spec = "1:{@prep_zh}, 2:{@prep_en}".
-_EMBEDDED = re.compile(r"\{(@[A-Za-z0-9_.\-]+(?:/[^{}#]*|#[^{}]+)?)\}")
 _STAGE_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
-
-
-@dataclass
-class Ref:
-    """A reference to an earlier stage: its folder, a path inside it, or a manifest value."""
-
-    stage: str
-    path: str | None = None  # relative path inside the stage's output folder
-    key: str | None = None  # dotted key into the stage's manifest.json
-
-    def text(self) -> str:
-        return f"@{self.stage}" + (self.path or "") + (f"#{self.key}" if self.key else "")
 
 
 @dataclass
@@ -97,38 +84,6 @@ class Workflow:
             if any(d in out for d in s.deps):
                 out.add(s.name)
         return out
-
-
-def parse_ref(value: Any) -> Ref | None:
-    if not isinstance(value, str) or not value.startswith("@") or value.startswith("@@"):
-        return None
-    m = _REF.match(value)
-    if not m:
-        return None
-    path = m.group("path")
-    return Ref(m.group("stage"), path=path if path and path != "/" else None, key=m.group("key"))
-
-
-def refs_in(value: Any) -> list[str]:
-    """Every reference in `value` (whole-string ones and '{@...}' ones inside strings)."""
-    out = []
-    for s in iter_strings(value):
-        if parse_ref(s) is not None:
-            out.append(s)
-        elif "{@" in s:
-            out.extend(m.group(1) for m in _EMBEDDED.finditer(s))
-    return out
-
-
-def iter_strings(value: Any):
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, list):
-        for v in value:
-            yield from iter_strings(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from iter_strings(v)
 
 
 # ---------------------------------------------------------------- types
@@ -217,10 +172,6 @@ def coerce(value: Any, tp: Any, allow_refs: bool = False) -> Any:
     if isinstance(tp, type) and isinstance(value, tp):
         return value
     raise _Mismatch
-
-
-def _unescape(s: str) -> str:
-    return s[1:] if s.startswith("@@") else s
 
 
 def _accepts_str(tp: Any) -> bool:
@@ -411,16 +362,6 @@ def _check_values(kind: StageKind, fields: dict, values: dict[str, Any], where: 
         pass  # e.g. a required field given as a manifest reference; checked when the stage runs
 
 
-class _Placeholders(dict):
-    """Stand-in output folders for references while validating."""
-
-    def __contains__(self, key: object) -> bool:
-        return True
-
-    def __getitem__(self, key: str) -> Path:
-        return Path(f"<{key}>")
-
-
 def coerce_table(cls: type, table: dict[str, Any], where: str, errors: list[str]) -> dict[str, Any]:
     """The keys of a settings table checked against the dataclass `cls`; problems go to `errors`."""
     fields = config_fields(cls)
@@ -464,33 +405,6 @@ def _suggest(key: str, valid: list[str]) -> str:
 
 
 # ---------------------------------------------------------------- resolution
-
-def resolve_value(value: Any, outputs: dict[str, Path], manifest_of) -> Any:
-    """Replace references in `value` by paths or manifest values (strings stay strings)."""
-    if isinstance(value, list):
-        return [resolve_value(v, outputs, manifest_of) for v in value]
-    if isinstance(value, dict):
-        return {k: resolve_value(v, outputs, manifest_of) for k, v in value.items()}
-    ref = parse_ref(value)
-    if ref is None:
-        if isinstance(value, str) and "{@" in value:
-            return _EMBEDDED.sub(lambda m: str(resolve_value(m.group(1), outputs, manifest_of)), value)
-        return value
-    stage = ref.stage if ref.stage in outputs else ref.stage.replace(".", "_")
-    folder = outputs[stage]
-    if ref.key is not None:
-        obj: Any = manifest_of(stage)
-        for part in ref.key.split("."):
-            if isinstance(obj, list) and part.isdigit() and int(part) < len(obj):
-                obj = obj[int(part)]
-            elif isinstance(obj, dict) and part in obj:
-                obj = obj[part]
-            else:
-                raise input_error(folder / "manifest.json", f"no key {ref.key!r} (needed by {value!r})",
-                                  f"check the key, or re-run stage {stage!r}")
-        return obj
-    return str(folder / ref.path.lstrip("/")) if ref.path else str(folder)
-
 
 def build_config(stage: Stage, outputs: dict[str, Path], manifest_of) -> Any:
     """The stage's config dataclass with references resolved and the output folder set."""
