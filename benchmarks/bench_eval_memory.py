@@ -94,7 +94,9 @@ def main() -> None:
     args = ap.parse_args()
     from bench_embed_memory import write_random_mixtral
 
-    from continual.testing import make_tokenizer
+    sys.path.insert(0, str(REPO / "tests"))  # tests/tiny_continual.py
+
+    from tiny_continual import make_tokenizer
     from corpus import sources
     from workflows.evaluate import available_ram, checkpoint_params
 

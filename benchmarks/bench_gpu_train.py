@@ -45,7 +45,9 @@ def prepare(out: Path) -> None:
 
     from transformers import LlamaTokenizerFast
 
-    from continual.testing import make_blocks
+    sys.path.insert(0, str(ROOT / "tests"))  # tests/tiny_continual.py
+
+    from tiny_continual import make_blocks
     from corpus import sources
 
     tok = LlamaTokenizerFast(vocab_file=str(sources.base_tokenizer_model()), legacy=False)

@@ -31,7 +31,8 @@ MODES = ("zero-term", "find-unused", "static-graph")
 
 
 def build(work: Path) -> None:
-    from continual.testing import make_blocks, make_tiny_base, make_tokenizer
+    sys.path.insert(0, str(ROOT / "tests"))  # tests/tiny_continual.py
+    from tiny_continual import make_blocks, make_tiny_base, make_tokenizer
 
     if (work / "ready").is_file():
         return

@@ -23,8 +23,10 @@ find $W/site/bitsandbytes -name 'libbitsandbytes_*.so' ! -name '*cuda13*' ! -nam
 rm -rf $W/site/bin && tar czf $W/site.tgz -C $W/site .
 rm -rf .gpu && $PY benchmarks/bench_gpu_train.py prepare --out .gpu/bench
 $PY - <<'PY'
+import sys
 from pathlib import Path
-from continual.testing import make_blocks, make_tokenizer
+sys.path.insert(0, "tests")  # tests/tiny_continual.py
+from tiny_continual import make_blocks, make_tokenizer
 root = Path(".gpu/ws")  # the base model is built on the machine (tests/test_continual_gpu.py's gpu_ws layout)
 make_tokenizer(root / "tok", n_added=64)
 make_blocks(root / "data", root / "tok", block_len=8, n_train=64, n_dev=5)

@@ -19,7 +19,7 @@ rm -rf .gpu && mkdir -p .gpu && tar xzf .whl/gpu.tgz -C .gpu
   python3 -c "import sys, torch, transformers, peft, bitsandbytes, accelerate, deepspeed; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__, 'accelerate', accelerate.__version__, 'deepspeed', deepspeed.__version__)" 2>&1 | tail -1
 } > "$OUT/machine.txt"
 cat "$OUT/machine.txt"
-python3 -c "from continual.testing import make_tiny_base; make_tiny_base('.gpu/ws/base', '.gpu/ws/tok', old_vocab_size=32000, experts=8, layers=1)" > /dev/null 2>&1 || echo "building the tiny base failed"
+PYTHONPATH=tests python3 -c "from tiny_continual import make_tiny_base; make_tiny_base('.gpu/ws/base', '.gpu/ws/tok', old_vocab_size=32000, experts=8, layers=1)" > /dev/null 2>&1 || echo "building the tiny base failed"
 echo "set-up took $(( $(date +%s) - t0 )) s"
 for part in $PARTS; do
   s=$(date +%s)

@@ -13,7 +13,7 @@ from common.errors import GraftError
 from continual import arch as A
 from continual import data as D
 from continual.metrics import read_metrics
-from continual.testing import tiny_train_config, tiny_workspace, train_killed_at
+from tiny_continual import tiny_train_config, tiny_workspace, train_killed_at
 from continual.train import train
 
 E2E = ["qwen2_moe", "qwen3_moe", "deepseek_v3", "llama", "mistral"]

@@ -45,7 +45,7 @@ def gpu_ws(tmp_path_factory):
     pre = os.environ.get("GRAFT_TEST_WS")
     if pre:
         return {k: Path(pre) / k for k in ("tok", "base", "data")}
-    from continual.testing import make_blocks, make_tiny_base, make_tokenizer
+    from tiny_continual import make_blocks, make_tiny_base, make_tokenizer
 
     root = tmp_path_factory.mktemp("gpu_ws")
     make_tokenizer(root / "tok", n_added=64)

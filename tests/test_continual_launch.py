@@ -207,7 +207,7 @@ REL = 2e-6
 
 @pytest.fixture(scope="module")
 def moe_ws(tmp_path_factory):
-    from continual.testing import make_blocks, make_tiny_base, make_tokenizer
+    from tiny_continual import make_blocks, make_tiny_base, make_tokenizer
 
     root = tmp_path_factory.mktemp("moe_ws")
     make_tokenizer(root / "tok", n_added=64)
@@ -217,7 +217,7 @@ def moe_ws(tmp_path_factory):
 
 
 def _moe_cfg(ws, out, **kw) -> TrainConfig:
-    from continual.testing import tiny_train_config
+    from tiny_continual import tiny_train_config
 
     base = dict(embeddings="new-rows", micro_batch_size=1, max_steps=4, save_every=2, eval_every=2,
                 lora_dropout=0.0, max_grad_norm=0.5, quant_storage="bfloat16", keep_checkpoints=3)

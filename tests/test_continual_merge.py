@@ -10,7 +10,7 @@ import torch
 from common.errors import GraftError
 from continual.config import MergeConfig
 from continual.merge import merge_adapter
-from continual.testing import make_tiny_base, tiny_train_config, tiny_workspace
+from tiny_continual import make_tiny_base, tiny_train_config, tiny_workspace
 from continual.train import train
 
 

@@ -10,7 +10,7 @@ from continual import data as D
 from continual import model as M
 from continual.config import TrainConfig, config_from_dict, load_train_config
 from continual.metrics import read_metrics
-from continual.testing import make_blocks, tiny_train_config, tiny_workspace
+from tiny_continual import make_blocks, tiny_train_config, tiny_workspace
 from continual.train import train
 
 

@@ -82,7 +82,7 @@ def test_mix_records_bos_and_refuses_sources_that_disagree(both, tmp_path):
 
 def test_training_refuses_train_and_dev_corpora_with_different_bos(both, tmp_path):
     from continual import data as D
-    from continual.testing import make_blocks, make_tokenizer
+    from tiny_continual import make_blocks, make_tokenizer
 
     assert D.same_bos(both["on"], both["on"]) is True
     assert D.same_bos(both["off"], both["off"]) is False

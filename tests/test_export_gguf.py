@@ -1,7 +1,7 @@
 """graft export gguf: llama.cpp's own converter, checked by llama.cpp itself (llama-cpp-python, same pin).
 
 The model is a tiny Mixtral with Mixtral's real tokenizer grafted (`graft vocab merge`), grown with
-`graft embed init --pad-to-multiple-of 64`, trained two QLoRA steps and merged (export/testing.py).
+`graft embed init --pad-to-multiple-of 64`, trained two QLoRA steps and merged (tests/tiny_export.py).
 
 Tests marked `llama_cpp` need the pinned converter (.cache/llama.cpp/) and the llama-cpp-python wheel built
 from the same sdist: `make test-export` builds/installs both and runs them (with GRAFT_REQUIRE_LLAMA_CPP=1,
@@ -24,7 +24,7 @@ from common.errors import GraftError
 from export import llama_cpp
 from export.config import GgufConfig
 from export.gguf import check_gguf, check_vocab, export_gguf
-from export.testing import TRAIN_LINES, grafted_mixtral
+from tiny_export import TRAIN_LINES, grafted_mixtral
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRE = os.environ.get("GRAFT_REQUIRE_LLAMA_CPP") == "1"

@@ -75,7 +75,7 @@ def test_report_markdown_and_html_say_the_same():
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    from continual.testing import tiny_workspace
+    from tiny_continual import tiny_workspace
 
     return tiny_workspace(tmp_path_factory.mktemp("ws"))
 
@@ -109,7 +109,7 @@ def test_train_time_eval_and_eval_stage_give_the_same_bits_per_byte(ws, tmp_path
     import csv
 
     from common.io import read_manifest
-    from continual.testing import tiny_train_config
+    from tiny_continual import tiny_train_config
     from continual.train import train
     from corpus import sources
     from workflows.evaluate import EvalConfig, evaluate_models
@@ -255,7 +255,7 @@ def test_eval_stage_loads_nf4_when_full_precision_does_not_fit(small_ckpt, tmp_p
     import continual.model as M
     from common.io import read_manifest
     from corpus import sources
-    from continual.testing import make_tokenizer
+    from tiny_continual import make_tokenizer
     from workflows.evaluate import EvalConfig, evaluate_models, plan_load
 
     make_tokenizer(small_ckpt)
@@ -316,7 +316,7 @@ def test_report_skips_the_sample_when_the_merged_model_does_not_fit(small_ckpt, 
 def test_report_generates_with_the_planned_load(small_ckpt, tmp_path, monkeypatch):
     from analysis.report import ReportConfig, write_report
     from common.io import read_manifest
-    from continual.testing import make_tokenizer
+    from tiny_continual import make_tokenizer
 
     make_tokenizer(small_ckpt)
     merged = _fake_merged(small_ckpt)

@@ -391,7 +391,7 @@ def test_train_stage_runs_as_a_slurm_job_under_accelerate(slurm_cluster, tmp_pat
     """A `launch.mode = "slurm"` train stage, run by the local executor: submitted for real, tracked by
     its job id, run by srun + accelerate launch (the test cluster's GPUs are count-only, so the job
     trains on the CPU), recorded by the job; the next `graft run` goes on with the stages after it."""
-    from continual.testing import tiny_workspace
+    from tiny_continual import tiny_workspace
 
     ws = tiny_workspace(tmp_path / "ws")
     a = tmp_path / "w"

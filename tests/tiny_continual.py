@@ -1,4 +1,4 @@
-"""Small real inputs for the tests and benchmarks of this package (no downloads).
+"""Small real inputs for the tests of continual/ and the benchmarks (no downloads; benchmarks put tests/ on sys.path).
 
 - a tokenizer folder: Mixtral's real tokenizer (+ optionally the most frequent Chinese bigrams of the
   People's Daily text as added tokens, standing in for a grown vocabulary);

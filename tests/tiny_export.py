@@ -1,4 +1,4 @@
-"""A tiny grafted Mixtral, merged, as the demo chain writes it (for the tests of this package; no downloads).
+"""A tiny grafted Mixtral, merged, as the demo chain writes it (for tests/test_export_gguf.py; no downloads).
 
 Mixtral's real tokenizer.model (mistral-common) grafted with `graft vocab merge` (a candidate trained on the
 first 3,000 People's Daily lines, plus two special tokens), `graft embed init --pad-to-multiple-of 64` onto a
@@ -16,7 +16,7 @@ def grafted_mixtral(root: str | Path) -> dict[str, Path]:
     from common.tiny import save_tiny_mixtral
     from continual.config import MergeConfig as AdapterMergeConfig
     from continual.merge import merge_adapter
-    from continual.testing import make_blocks, tiny_train_config
+    from tiny_continual import make_blocks, tiny_train_config
     from continual.train import train
     from corpus import sources
     from embed_init.config import EmbedInitConfig
