@@ -525,8 +525,12 @@ def test_demo_plans_its_slurm_jobs(tmp_path):
     """The README's `graft run workflows/demo.toml --executor slurm --to mix`, as a dry run."""
     out = graft(tmp_path, "run", str(REPO / "workflows" / "demo.toml"), "--runs", str(tmp_path / "runs"),
                 "--executor", "slurm", "--to", "mix", "--dry-run").stdout
-    assert out.count("would run: sbatch") == 11  # 10 stages; prep_zh and prep_en are one plain job each
-    assert "[11/15] mix: never run; submitting" in out and "/train.sbatch" not in out
+    names = [s.name for s in load_workflow(REPO / "workflows" / "demo.toml", runs=str(tmp_path / "runs")).stages]
+    upto = names[:names.index("mix") + 1]
+    # one plain job per stage up to mix (prep_zh and prep_en included), each with its own script; nothing after
+    submitted = [ln.rsplit("/", 1)[1] for ln in out.splitlines() if "would run: sbatch" in ln]
+    assert submitted == [f"{n}.sbatch" for n in upto]
+    assert f"[{len(upto)}/{len(names)}] mix: never run; submitting" in out and "/train.sbatch" not in out
 
 
 def test_chinese_mixtral_recipe_plans_its_slurm_jobs(tmp_path):
