@@ -13,7 +13,7 @@ def build_zh_tokenizer(out: str | Path, lines, size: int = 8000, chars: int | No
     """Train a Chinese BPE of `size` pieces on `lines` and append it to Mixtral's tokenizer (vocab merge)."""
     from common.io import is_complete
     from corpus.sources import base_tokenizer_model
-    from vocab.merge import MergeConfig, merge_into_base
+    from vocab.merge import VocabMergeConfig, merge_into_base
     from vocab.train import count_chars, train_bpe
 
     out = Path(out)
@@ -24,7 +24,7 @@ def build_zh_tokenizer(out: str | Path, lines, size: int = 8000, chars: int | No
     proto = train_bpe(lines, chars, size)
     cand = out.with_name(out.name + ".cand.model")
     cand.write_bytes(proto.SerializeToString())
-    return merge_into_base(MergeConfig(base=str(base_tokenizer_model()), add=str(cand), out=str(out)))
+    return merge_into_base(VocabMergeConfig(base=str(base_tokenizer_model()), add=str(cand), out=str(out)))
 
 
 if __name__ == "__main__":

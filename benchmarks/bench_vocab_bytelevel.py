@@ -28,8 +28,8 @@ from common.scripts import ScriptFilter  # noqa: E402
 from corpus import sources  # noqa: E402
 from vocab.bytelevel import extended_json, plan_extension, unreachable  # noqa: E402
 from vocab.check import CheckConfig, check_tokenizer  # noqa: E402
-from vocab.merge import MergeConfig, merge_into_base  # noqa: E402
-from vocab.train import TrainConfig, train_candidates  # noqa: E402
+from vocab.merge import VocabMergeConfig, merge_into_base  # noqa: E402
+from vocab.train import VocabTrainConfig, train_candidates  # noqa: E402
 
 
 def tokens(tok, lines) -> int:
@@ -116,14 +116,14 @@ def main() -> None:
         corpora = sources.write_demo_corpora(Path(tmp) / "c")
         t = time.perf_counter()
         sizes = str(args.speed_size) if args.speed_only else args.sizes
-        cands = train_candidates(TrainConfig(inputs=[str(corpora["zh_news"])], out=str(Path(tmp) / "cands"),
+        cands = train_candidates(VocabTrainConfig(inputs=[str(corpora["zh_news"])], out=str(Path(tmp) / "cands"),
                                              base=str(tekken), sizes=[sizes], progress=False))
         result["train_s"] = time.perf_counter() - t
         print(f"trained the grid ({sizes}) in {result['train_s']:.1f} s (one training)")
         en_file = sources.write_jsonl(Path(tmp) / "en.jsonl", english)
         for n in [int(x) for x in sizes.split(",")]:
             t = time.perf_counter()
-            out = merge_into_base(MergeConfig(base=str(tekken), add=str(cands / f"candidates/added{n}.json"),
+            out = merge_into_base(VocabMergeConfig(base=str(tekken), add=str(cands / f"candidates/added{n}.json"),
                                               out=str(Path(tmp) / f"tok{n}")))
             merge_s = time.perf_counter() - t
             t = time.perf_counter()

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from corpus.sources import people_daily_lines, review_lines, write_jsonl  # noqa: E402
 from vocab.grid import parse_chars, parse_sizes  # noqa: E402
 from vocab.sample import sample_lines  # noqa: E402
-from vocab.train import TrainConfig, train_bpe, train_candidates  # noqa: E402
+from vocab.train import VocabTrainConfig, train_bpe, train_candidates  # noqa: E402
 
 
 def _project(points: list[tuple[int, float]], sizes: list[int], n_chars: int) -> tuple[float, str]:
@@ -48,7 +48,7 @@ def main() -> None:
               f"{len(sizes)} sizes = {len(chars) * len(sizes)} candidates; {args.threads} threads")
 
         t, cpu = time.perf_counter(), time.process_time()
-        out = train_candidates(TrainConfig(inputs=[str(corpus)], out=str(Path(tmp) / "grid"), chars=chars,
+        out = train_candidates(VocabTrainConfig(inputs=[str(corpus)], out=str(Path(tmp) / "grid"), chars=chars,
                                            sizes=[args.sizes], threads=args.threads, progress=False))
         grid_s, grid_cpu = time.perf_counter() - t, time.process_time() - cpu
         n_files = len(list((out / "candidates").glob("*.model")))

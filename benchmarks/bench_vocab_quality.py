@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.tokenizer_files import load_model_proto, load_sentencepiece, sentencepiece_to_fast  # noqa: E402
 from corpus import sources  # noqa: E402
 from vocab.check import CheckConfig, check_tokenizer  # noqa: E402
-from vocab.merge import MergeConfig, merge_into_base, reachability_failures  # noqa: E402
-from vocab.train import TrainConfig, train_candidates  # noqa: E402
+from vocab.merge import VocabMergeConfig, merge_into_base, reachability_failures  # noqa: E402
+from vocab.train import VocabTrainConfig, train_candidates  # noqa: E402
 
 
 def naive_dead(base_path: Path, cand_path: Path) -> tuple[int, int]:
@@ -51,7 +51,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         corpora = sources.write_demo_corpora(Path(tmp) / "c")
         t = time.perf_counter()
-        cands = train_candidates(TrainConfig(inputs=[str(corpora["zh_news"])], out=str(Path(tmp) / "cands"),
+        cands = train_candidates(VocabTrainConfig(inputs=[str(corpora["zh_news"])], out=str(Path(tmp) / "cands"),
                                              chars=[int(c) for c in args.chars.split(",")], sizes=[args.sizes],
                                              progress=False))
         print(f"trained grid in {time.perf_counter() - t:.1f} s")
@@ -65,7 +65,7 @@ def main() -> None:
         print(header)
         print("|---" * (header.count("|") - 1) + "|")
         for cand in json.loads((cands / "manifest.json").read_text())["candidates"]:
-            out = merge_into_base(MergeConfig(base=str(base_path), add=str(cands / cand["path"]),
+            out = merge_into_base(VocabMergeConfig(base=str(base_path), add=str(cands / cand["path"]),
                                               out=str(Path(tmp) / "tok")))
             counts = json.loads((out / "manifest.json").read_text())["counts"]
             sp = load_sentencepiece(out)

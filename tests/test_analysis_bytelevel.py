@@ -17,16 +17,16 @@ from vocab.bytelevel_stages import load_candidate
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory, tekken_path, news_lines, english_paragraphs):
-    from vocab.merge import MergeConfig, merge_into_base
-    from vocab.train import TrainConfig, train_candidates
+    from vocab.merge import VocabMergeConfig, merge_into_base
+    from vocab.train import VocabTrainConfig, train_candidates
 
     d = tmp_path_factory.mktemp("score_bl")
     zh = write_jsonl(d / "zh.jsonl", [t for i, t in enumerate(news_lines[:4000]) if i % 20])
     dev = write_jsonl(d / "dev.jsonl", news_lines[:4000:20] + news_lines[5000:5300])
     en = write_jsonl(d / "en.jsonl", english_paragraphs[:800])
-    cands = train_candidates(TrainConfig(inputs=[str(zh)], out=str(d / "cands"), base=str(tekken_path),
+    cands = train_candidates(VocabTrainConfig(inputs=[str(zh)], out=str(d / "cands"), base=str(tekken_path),
                                          sizes=["500:2000:500"], progress=False))
-    tok = merge_into_base(MergeConfig(base=str(tekken_path), add=str(cands / "candidates/added2000.json"),
+    tok = merge_into_base(VocabMergeConfig(base=str(tekken_path), add=str(cands / "candidates/added2000.json"),
                                       out=str(d / "tok")))
     return {"dir": d, "cands": cands, "dev": dev, "en": en, "tok": tok}
 

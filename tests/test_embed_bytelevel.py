@@ -20,14 +20,14 @@ from embed_init.tokens import load_pieces
 
 @pytest.fixture(scope="module")
 def grafted(tmp_path_factory, tekken_path, news_lines):
-    from vocab.merge import MergeConfig, merge_into_base
-    from vocab.train import TrainConfig, train_candidates
+    from vocab.merge import VocabMergeConfig, merge_into_base
+    from vocab.train import VocabTrainConfig, train_candidates
 
     d = tmp_path_factory.mktemp("embed_bl")
     corpus = write_jsonl(d / "zh.jsonl", news_lines[:3000])
-    cands = train_candidates(TrainConfig(inputs=[str(corpus)], out=str(d / "cands"), base=str(tekken_path),
+    cands = train_candidates(VocabTrainConfig(inputs=[str(corpus)], out=str(d / "cands"), base=str(tekken_path),
                                          sizes=["1500"], progress=False))
-    tok = merge_into_base(MergeConfig(base=str(tekken_path), add=str(cands / "candidates/added1500.json"),
+    tok = merge_into_base(VocabMergeConfig(base=str(tekken_path), add=str(cands / "candidates/added1500.json"),
                                       out=str(d / "tok"), special=["<|im_start|>"]))
     model = save_tiny_mistral(d / "m")
     return d, tok, model

@@ -14,14 +14,14 @@ from embed_init.tokens import load_pieces
 
 
 def test_grow_with_vocab_merge_output(tmp_path, base_model_path, news_lines):
-    from vocab.merge import MergeConfig, merge_into_base
-    from vocab.train import TrainConfig, train_candidates
+    from vocab.merge import VocabMergeConfig, merge_into_base
+    from vocab.train import VocabTrainConfig, train_candidates
 
     corpus = write_jsonl(tmp_path / "zh.jsonl", news_lines[:3000])
-    cands = train_candidates(TrainConfig(inputs=[str(corpus)], out=str(tmp_path / "cands"), chars=[1200],
+    cands = train_candidates(VocabTrainConfig(inputs=[str(corpus)], out=str(tmp_path / "cands"), chars=[1200],
                                          sizes=["2500"], progress=False))
     cand = cands / read_manifest(cands)["candidates"][0]["path"]
-    tok = merge_into_base(MergeConfig(base=str(base_model_path), add=str(cand), out=str(tmp_path / "tok"),
+    tok = merge_into_base(VocabMergeConfig(base=str(base_model_path), add=str(cand), out=str(tmp_path / "tok"),
                                       special=["<|im_start|>"]))
     new = load_pieces(tok)
     special_id = new.pieces.index("<|im_start|>")

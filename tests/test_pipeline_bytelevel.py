@@ -21,13 +21,13 @@ def test_prepare_train_merge_with_a_tekken_graft(tmp_path, tekken_path, news_lin
     from corpus.prepare import PrepareConfig, prepare
     from embed_init.config import EmbedInitConfig
     from embed_init.grow import grow_embeddings
-    from vocab.merge import MergeConfig, merge_into_base
-    from vocab.train import TrainConfig, train_candidates
+    from vocab.merge import VocabMergeConfig, merge_into_base
+    from vocab.train import VocabTrainConfig, train_candidates
 
     zh = sources.write_jsonl(tmp_path / "zh.jsonl", news_lines[:2000])
-    cands = train_candidates(TrainConfig(inputs=[str(zh)], out=str(tmp_path / "cands"), base=str(tekken_path),
+    cands = train_candidates(VocabTrainConfig(inputs=[str(zh)], out=str(tmp_path / "cands"), base=str(tekken_path),
                                          sizes=["1000"], progress=False))
-    tok = merge_into_base(MergeConfig(base=str(tekken_path), add=str(cands / "candidates/added1000.json"),
+    tok = merge_into_base(VocabMergeConfig(base=str(tekken_path), add=str(cands / "candidates/added1000.json"),
                                       out=str(tmp_path / "tok")))
     base = save_tiny_mistral(tmp_path / "base")
     grown = grow_embeddings(EmbedInitConfig(model=str(base), old_tokenizer=str(tekken_path), new_tokenizer=str(tok),

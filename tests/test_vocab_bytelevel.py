@@ -13,12 +13,12 @@ from common.scripts import ScriptFilter
 from corpus.sources import write_jsonl
 from vocab.bytelevel import TargetSafety
 from vocab.check import CheckConfig, check_tokenizer
-from vocab.merge import MergeConfig, merge_into_base
-from vocab.train import TrainConfig, train_candidates
+from vocab.merge import VocabMergeConfig, merge_into_base
+from vocab.train import VocabTrainConfig, train_candidates
 
 
 def _train(tmp_path: Path, base, inputs, sizes, name="c", **kw) -> Path:
-    return train_candidates(TrainConfig(inputs=[str(i) for i in inputs], out=str(tmp_path / name), base=str(base),
+    return train_candidates(VocabTrainConfig(inputs=[str(i) for i in inputs], out=str(tmp_path / name), base=str(base),
                                         sizes=[sizes], progress=False, **kw))
 
 
@@ -43,7 +43,7 @@ def tiny_bases(tmp_path_factory, english_paragraphs):
 def tekken_graft(tmp_path_factory, tekken_path, corpora):
     d = tmp_path_factory.mktemp("tekken_graft")
     cands = _train(d, tekken_path, [corpora["zh"]], "1000:3000:1000")
-    tok = merge_into_base(MergeConfig(base=str(tekken_path), add=str(cands / "candidates/added3000.json"),
+    tok = merge_into_base(VocabMergeConfig(base=str(tekken_path), add=str(cands / "candidates/added3000.json"),
                                       out=str(d / "tok"), special=["<|im_start|>", "<|im_end|>", "<s>"]))
     return cands, tok
 
@@ -123,7 +123,7 @@ def test_graft_on_tiny_qwen_gpt2_and_llama3_shaped_bases(tmp_path, tiny_bases, c
     post-processor."""
     base = tiny_bases[style]
     cands = _train(tmp_path, base, [corpora["zh"]], "1500")
-    tok = merge_into_base(MergeConfig(base=str(base), add=str(cands / "candidates/added1500.json"),
+    tok = merge_into_base(VocabMergeConfig(base=str(base), add=str(cands / "candidates/added1500.json"),
                                       out=str(tmp_path / "tok"), special=["<|im_start|>", "<tool>"]))
     m = json.loads((tok / "manifest.json").read_text())
     assert m["counts"]["partial_character_tokens"] > 100
@@ -161,7 +161,7 @@ def test_check_catches_broken_grafts(tmp_path, tiny_bases, corpora, english_para
     """The invariants can fail: grafts made the usual wrong ways are reported."""
     base = tiny_bases["qwen"]
     cands = _train(tmp_path, base, [corpora["zh"]], "300")
-    good = merge_into_base(MergeConfig(base=str(base), add=str(cands / "candidates/added300.json"),
+    good = merge_into_base(VocabMergeConfig(base=str(base), add=str(cands / "candidates/added300.json"),
                                        out=str(tmp_path / "good")))
     n_base_merges = len(load_bytelevel(base).merges)
     corpus = [str(corpora["zh_dev"]), str(corpora["en"])]
@@ -204,7 +204,7 @@ def test_check_catches_broken_grafts(tmp_path, tiny_bases, corpora, english_para
 
 def test_byte_level_errors(tmp_path, tekken_path, tiny_bases, corpora, base_model_path, tekken_graft):
     with pytest.raises(GraftError) as e:
-        TrainConfig(inputs=[str(corpora["zh"])], out=str(tmp_path / "x"), base=str(tekken_path), chars=[4451])
+        VocabTrainConfig(inputs=[str(corpora["zh"])], out=str(tmp_path / "x"), base=str(tekken_path), chars=[4451])
     assert str(e.value) == (f"--chars 4451: --chars has no meaning for a byte-level BPE base ({tekken_path}): its "
                             "alphabet is the 256 bytes, and characters come from merges like any other token. Fix: "
                             "leave --chars out (--sizes counts the tokens added to the base)")
@@ -212,14 +212,14 @@ def test_byte_level_errors(tmp_path, tekken_path, tiny_bases, corpora, base_mode
     sp_cand = tmp_path / "cand.model"
     sp_cand.write_bytes(base_model_path.read_bytes())
     with pytest.raises(GraftError) as e:
-        merge_into_base(MergeConfig(base=str(tekken_path), add=str(sp_cand), out=str(tmp_path / "o1")))
+        merge_into_base(VocabMergeConfig(base=str(tekken_path), add=str(sp_cand), out=str(tmp_path / "o1")))
     assert str(e.value).startswith(f"{sp_cand}: is not a byte-level candidate, and {tekken_path} is a byte-level BPE "
                                    "base (a SentencePiece candidate cannot be grafted onto it). Fix: train candidates "
                                    f"for this base: graft vocab train INPUTS --base {tekken_path} --out DIR")
     # a candidate trained on another base
     cands, _ = tekken_graft
     with pytest.raises(GraftError) as e:
-        merge_into_base(MergeConfig(base=str(tiny_bases["qwen"]), add=str(cands / "candidates/added1000.json"),
+        merge_into_base(VocabMergeConfig(base=str(tiny_bases["qwen"]), add=str(cands / "candidates/added1000.json"),
                                     out=str(tmp_path / "o2")))
     assert "was trained on another base" in str(e.value) and "Fix: train candidates on this base" in str(e.value)
     # more tokens than the text supports
@@ -247,7 +247,7 @@ def test_special_token_outside_the_byte_alphabet(tmp_path, tiny_bases, corpora):
                                  "rstrip": False, "normalized": False, "special": True})
     (base / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
     cands = _train(tmp_path, base, [corpora["zh"]], "300")
-    tok = merge_into_base(MergeConfig(base=str(base), add=str(cands / "candidates/added300.json"),
+    tok = merge_into_base(VocabMergeConfig(base=str(base), add=str(cands / "candidates/added300.json"),
                                       out=str(tmp_path / "tok")))
     r = check_tokenizer(CheckConfig(tokenizer=str(tok), base=str(base),
                                     corpus=[str(corpora["zh_dev"]), str(corpora["en"])]))

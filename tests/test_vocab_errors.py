@@ -11,8 +11,8 @@ from common.errors import GraftError
 from common.tokenizer_files import load_fast_tokenizer, load_model_proto, load_sentencepiece
 from corpus.sources import write_jsonl
 from vocab.grid import parse_chars, parse_sizes
-from vocab.merge import MergeConfig, merge_into_base
-from vocab.train import TrainConfig, train_bpe, train_candidates
+from vocab.merge import VocabMergeConfig, merge_into_base
+from vocab.train import VocabTrainConfig, train_bpe, train_candidates
 from workflows.cli import main
 
 
@@ -20,7 +20,7 @@ def _train(tmp_path, inputs, **kw):
     cfg = dict(inputs=[str(i) for i in inputs], out=str(tmp_path / "out"), chars=[50], sizes=["400"],
                max_sentences=1000, progress=False)
     cfg.update(kw)
-    return train_candidates(TrainConfig(**cfg))
+    return train_candidates(VocabTrainConfig(**cfg))
 
 
 def test_empty_corpus(tmp_path):
@@ -145,7 +145,7 @@ def test_corrupt_candidate(tmp_path, base_model_path, data):
     f = tmp_path / "cand.model"
     f.write_bytes(data)
     with pytest.raises(GraftError) as e:
-        merge_into_base(MergeConfig(base=str(base_model_path), add=str(f), out=str(tmp_path / "m")))
+        merge_into_base(VocabMergeConfig(base=str(base_model_path), add=str(f), out=str(tmp_path / "m")))
     assert str(e.value) == f"{f}: {CORRUPT}"
     assert not (tmp_path / "m").exists()
 
@@ -169,13 +169,13 @@ def test_non_bpe_candidate(tmp_path, base_model_path, news_lines):
     f = tmp_path / "uni.model"
     f.write_bytes(buf.getvalue())
     with pytest.raises(GraftError) as e:
-        merge_into_base(MergeConfig(base=str(base_model_path), add=str(f), out=str(tmp_path / "m")))
+        merge_into_base(VocabMergeConfig(base=str(base_model_path), add=str(f), out=str(tmp_path / "m")))
     assert str(e.value) == (f"{f}: is a SentencePiece UNIGRAM model, not BPE. Fix: train the vocabulary with "
                             "model_type=bpe (what `graft vocab train` does)")
     with pytest.raises(GraftError, match="is a SentencePiece UNIGRAM model, not BPE"):
         load_fast_tokenizer(f)
     with pytest.raises(GraftError) as e:  # as the base
-        merge_into_base(MergeConfig(base=str(f), add=str(base_model_path), out=str(tmp_path / "m")))
+        merge_into_base(VocabMergeConfig(base=str(f), add=str(base_model_path), out=str(tmp_path / "m")))
     assert str(e.value) == (f"{f}: is a SentencePiece UNIGRAM model, not BPE. Fix: vocab merge grows SentencePiece "
                             "BPE tokenizers (Llama, Mistral, Mixtral); a Unigram base (T5, XLM-R, ...) is not supported")
 
@@ -190,12 +190,12 @@ def test_base_not_sentencepiece(tmp_path, base_model_path):
            "Mistral's tekken JSON)")
     for base in (hf, hf / "tokenizer.json"):  # byte-level bases are grown too: this one is neither kind
         with pytest.raises(GraftError) as e:
-            merge_into_base(MergeConfig(base=str(base), add=str(base_model_path), out=str(tmp_path / "m")))
+            merge_into_base(VocabMergeConfig(base=str(base), add=str(base_model_path), out=str(tmp_path / "m")))
         assert str(e.value) == f"{hf / 'tokenizer.json'}: {fix}"
     bogus = tmp_path / "base.model"
     bogus.write_bytes(b"\x89PNG\r\n\x1a\n")
     with pytest.raises(GraftError) as e:
-        merge_into_base(MergeConfig(base=str(bogus), add=str(base_model_path), out=str(tmp_path / "m")))
+        merge_into_base(VocabMergeConfig(base=str(bogus), add=str(base_model_path), out=str(tmp_path / "m")))
     assert str(e.value) == f"{bogus}: {CORRUPT}"
 
 
@@ -220,7 +220,7 @@ def test_tokenizer_file_helpers(tmp_path, base_model_path):
 
 def test_unknown_script(tmp_path, base_model_path):
     with pytest.raises(GraftError) as e:
-        merge_into_base(MergeConfig(base=str(base_model_path), add=str(base_model_path), out=str(tmp_path / "m"),
+        merge_into_base(VocabMergeConfig(base=str(base_model_path), add=str(base_model_path), out=str(tmp_path / "m"),
                                     script="Klingon"))
     assert str(e.value) == ("unknown script 'Klingon'. Fix: use one of Han, Hangul, Cyrillic, any ('any' adds "
                             "every piece whatever its script)")
@@ -230,7 +230,7 @@ def test_candidate_with_nothing_to_add(tmp_path, base_model_path, english_paragr
     f = tmp_path / "en.model"
     f.write_bytes(train_bpe(list(english_paragraphs[:800]), 90, 700).SerializeToString())
     with pytest.raises(GraftError) as e:
-        merge_into_base(MergeConfig(base=str(base_model_path), add=str(f), out=str(tmp_path / "m")))
+        merge_into_base(VocabMergeConfig(base=str(base_model_path), add=str(f), out=str(tmp_path / "m")))
     assert re.fullmatch(re.escape(f"{f}: has no piece to add with a Han character (") + r"\d+ pieces: \d+ already in "
                         r"the base, \d+ without the script\)\. Fix: pass a candidate trained on Han text \(graft "
                         r"vocab train\), or --script any to add pieces of any script", str(e.value))

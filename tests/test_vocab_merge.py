@@ -8,7 +8,7 @@ import pytest
 from common.tokenizer_files import load_fast_tokenizer, load_model_proto, load_sentencepiece
 from corpus.sources import write_jsonl
 from vocab.check import PROBES, CheckConfig, check_tokenizer, run_check
-from vocab.merge import MergeConfig, merge_into_base, reachability_failures
+from vocab.merge import VocabMergeConfig, merge_into_base, reachability_failures
 from common.scripts import ScriptFilter
 from vocab.train import train_bpe
 from workflows.cli import main
@@ -41,7 +41,7 @@ def candidate(tmp_path_factory, split):
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory, base_model_path, candidate):
     out = tmp_path_factory.mktemp("merged") / "tok"
-    return merge_into_base(MergeConfig(base=str(base_model_path), add=str(candidate), out=str(out), special=SPECIAL))
+    return merge_into_base(VocabMergeConfig(base=str(base_model_path), add=str(candidate), out=str(out), special=SPECIAL))
 
 
 def test_base_pieces_keep_id_score_type_and_no_duplicates(merged, base_model_path):
@@ -180,7 +180,7 @@ def test_repair_adds_intermediates_for_stuck_pieces(tmp_path, base_model_path):
         p = cand.pieces.add()
         p.piece, p.score = piece, -float(i)
     (tmp_path / "c.model").write_bytes(cand.SerializeToString())
-    out = merge_into_base(MergeConfig(base=str(base_model_path), add=str(tmp_path / "c.model"), out=str(tmp_path / "m")))
+    out = merge_into_base(VocabMergeConfig(base=str(base_model_path), add=str(tmp_path / "c.model"), out=str(tmp_path / "m")))
     counts = json.loads((out / "manifest.json").read_text())["counts"]
     assert counts["added_intermediates"] == 1
     rows = (out / "added_pieces.tsv").read_text().splitlines()[1:]
@@ -214,7 +214,7 @@ def test_hf_folder_as_base(merged, tmp_path, split):
 
     cand = train_bpe(list(split[0][6000:9000]), 2500, 6000)
     (tmp_path / "c2.model").write_bytes(cand.SerializeToString())
-    out = merge_into_base(MergeConfig(base=str(merged), add=str(tmp_path / "c2.model"), out=str(tmp_path / "t2")))
+    out = merge_into_base(VocabMergeConfig(base=str(merged), add=str(tmp_path / "c2.model"), out=str(tmp_path / "t2")))
     first, second = load_model_proto(merged), load_model_proto(out)
     assert len(second.pieces) > len(first.pieces)
     assert all((a.piece, a.score, a.type) == (b.piece, b.score, b.type) for a, b in zip(first.pieces, second.pieces))
@@ -227,7 +227,7 @@ def test_hf_folder_as_base(merged, tmp_path, split):
 def test_merge_is_deterministic_and_matches_transformers_conversion(merged, base_model_path, candidate, tmp_path):
     from transformers import LlamaTokenizerFast
 
-    again = merge_into_base(MergeConfig(base=str(base_model_path), add=str(candidate), out=str(tmp_path / "again"),
+    again = merge_into_base(VocabMergeConfig(base=str(base_model_path), add=str(candidate), out=str(tmp_path / "again"),
                                         special=SPECIAL))
     for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                  "added_pieces.tsv"):

@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 
 from common.tokenizer_files import load_fast_tokenizer, load_sentencepiece
-from vocab.merge import MergeConfig, merge_into_base
-from vocab.train import TrainConfig, train_candidates
+from vocab.merge import VocabMergeConfig, merge_into_base
+from vocab.train import VocabTrainConfig, train_candidates
 
 
 def test_quality_bar_on_held_out_news(tmp_path, demo_corpora, base_model_path, news_lines, english_paragraphs):
     # demo_corpora holds out every 20th paragraph (zh_news_dev) from the training file (zh_news).
-    cands = train_candidates(TrainConfig(inputs=[str(demo_corpora["zh_news"])], out=str(tmp_path / "c"),
+    cands = train_candidates(VocabTrainConfig(inputs=[str(demo_corpora["zh_news"])], out=str(tmp_path / "c"),
                                          chars=[4451], sizes=["26750"], progress=False))
-    out = merge_into_base(MergeConfig(base=str(base_model_path), add=str(cands / "candidates/chars4451_size26750.model"),
+    out = merge_into_base(VocabMergeConfig(base=str(base_model_path), add=str(cands / "candidates/chars4451_size26750.model"),
                                       out=str(tmp_path / "tok")))
     counts = json.loads((out / "manifest.json").read_text())["counts"]
     assert 24_500 <= counts["added_total"] <= 25_500

@@ -9,7 +9,7 @@ import pytest
 from common.tokenizer_files import load_model_proto, load_sentencepiece
 from corpus.sources import write_jsonl
 from vocab.sample import sample_lines
-from vocab.train import RESERVED, TrainConfig, count_chars, top_chars, train_bpe, train_candidates
+from vocab.train import RESERVED, VocabTrainConfig, count_chars, top_chars, train_bpe, train_candidates
 from workflows.cli import main
 
 CHARS = [1500, 1800]
@@ -24,7 +24,7 @@ def zh_file(tmp_path_factory, news_lines):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, zh_file):
     out = tmp_path_factory.mktemp("train") / "cands"
-    cfg = TrainConfig(inputs=[str(zh_file)], out=str(out), chars=CHARS, sizes=[SIZES], max_sentences=1200,
+    cfg = VocabTrainConfig(inputs=[str(zh_file)], out=str(out), chars=CHARS, sizes=[SIZES], max_sentences=1200,
                       seed=7, progress=False)
     return cfg, train_candidates(cfg)
 
@@ -89,14 +89,14 @@ def test_characters_are_the_most_frequent(trained, zh_file):
 
 def test_same_seed_same_files_and_resume(tmp_path, trained, zh_file, capsys):
     cfg, out = trained
-    again = train_candidates(TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "again")}))
+    again = train_candidates(VocabTrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "again")}))
     for f in (out / "candidates").iterdir():
         assert (again / "candidates" / f.name).read_bytes() == f.read_bytes()
     before = (again / "manifest.json").read_bytes()
-    train_candidates(TrainConfig(**{**cfg.__dict__, "out": str(again)}))
+    train_candidates(VocabTrainConfig(**{**cfg.__dict__, "out": str(again)}))
     assert "already complete" in capsys.readouterr().out
     assert (again / "manifest.json").read_bytes() == before
-    other = train_candidates(TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "other"), "seed": 8,
+    other = train_candidates(VocabTrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "other"), "seed": 8,
                                             "chars": [1500], "sizes": ["2400"]}))
     assert (other / "candidates/chars1500_size2400.model").read_bytes() != \
         (out / "candidates/chars1500_size2400.model").read_bytes()
@@ -141,7 +141,7 @@ def test_interrupted_run_resumes_from_trained_models(tmp_path, zh_file, monkeypa
         return real(lines, chars, size, **kw)
 
     monkeypatch.setattr(vt, "train_bpe", flaky)
-    cfg = TrainConfig(inputs=[str(zh_file)], out=str(tmp_path / "c"), chars=[1500, 1800], sizes=["2400,2800"],
+    cfg = VocabTrainConfig(inputs=[str(zh_file)], out=str(tmp_path / "c"), chars=[1500, 1800], sizes=["2400,2800"],
                       max_sentences=1000, progress=False)
     with pytest.raises(KeyboardInterrupt):
         train_candidates(cfg)
@@ -192,7 +192,7 @@ def test_txt_parquet_and_gz_inputs_give_the_same_candidates(tmp_path, news_lines
         f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in lines)
     outs = []
     for name in ("a.txt", "b.parquet", "c.jsonl.gz"):
-        out = train_candidates(TrainConfig(inputs=[str(tmp_path / name)], out=str(tmp_path / f"o_{name}"),
+        out = train_candidates(VocabTrainConfig(inputs=[str(tmp_path / name)], out=str(tmp_path / f"o_{name}"),
                                            chars=[800], sizes=["1500"], progress=False))
         outs.append((out / "candidates/chars800_size1500.model").read_bytes())
     assert outs[0] == outs[1] == outs[2]

@@ -21,8 +21,8 @@ def grafted_mixtral(root: str | Path) -> dict[str, Path]:
     from corpus import sources
     from embed_init.config import EmbedInitConfig
     from embed_init.grow import grow_embeddings
-    from vocab.merge import MergeConfig, merge_into_base
-    from vocab.train import TrainConfig, train_candidates
+    from vocab.merge import VocabMergeConfig, merge_into_base
+    from vocab.train import VocabTrainConfig, train_candidates
 
     from common.io import read_manifest
 
@@ -32,11 +32,11 @@ def grafted_mixtral(root: str | Path) -> dict[str, Path]:
         return paths
     root.mkdir(parents=True, exist_ok=True)
     corpus = sources.write_jsonl(root / "zh.jsonl", sources.people_daily_lines()[:TRAIN_LINES])
-    cands = train_candidates(TrainConfig(inputs=[str(corpus)], out=str(root / "cands"), chars=[1200],
+    cands = train_candidates(VocabTrainConfig(inputs=[str(corpus)], out=str(root / "cands"), chars=[1200],
                                          sizes=["2500"], progress=False))
     cand = cands / read_manifest(cands)["candidates"][0]["path"]
     base_tok = sources.base_tokenizer_model()
-    merge_into_base(MergeConfig(base=str(base_tok), add=str(cand), out=str(paths["tok"]),
+    merge_into_base(VocabMergeConfig(base=str(base_tok), add=str(cand), out=str(paths["tok"]),
                                 special=["<|im_start|>", "<|im_end|>"]))
     save_tiny_mixtral(paths["base"])
     grow_embeddings(EmbedInitConfig(model=str(paths["base"]), old_tokenizer=str(base_tok),

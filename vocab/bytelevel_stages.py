@@ -45,7 +45,7 @@ def candidate_name(size: int) -> str:
 # vocab train (byte-level)
 
 def check_train_config(cfg: Any) -> None:
-    """The byte-level rules of TrainConfig, checked when the config is built."""
+    """The byte-level rules of VocabTrainConfig, checked when the config is built."""
     from vocab.grid import parse_sizes
 
     if not getattr(cfg.chars, "is_default", False):
@@ -178,7 +178,7 @@ def _hf_configs(base: ByteLevelTokenizer, special: list[str], first_special_id: 
 
 
 def merge_bytelevel(cfg: Any, rerun: dict) -> Path:
-    """`graft vocab merge` on a byte-level base (cfg: vocab.merge.MergeConfig); returns the output folder."""
+    """`graft vocab merge` on a byte-level base (cfg: vocab.merge.VocabMergeConfig); returns the output folder."""
     from common.scripts import ScriptFilter
     from vocab.bytelevel import extended_json, plan_extension, unreachable
 

@@ -2,11 +2,11 @@
 from common.cli import Groups, command
 from vocab.bytelevel_stages import ConvertConfig
 from vocab.check import CheckConfig
-from vocab.merge import MergeConfig
-from vocab.train import TrainConfig
+from vocab.merge import VocabMergeConfig
+from vocab.train import VocabTrainConfig
 
 
-def _train(cfg: TrainConfig) -> None:
+def _train(cfg: VocabTrainConfig) -> None:
     from common.io import read_manifest
     from vocab.train import train_candidates
 
@@ -17,7 +17,7 @@ def _train(cfg: TrainConfig) -> None:
           f"({c['lines_sampled']} lines sampled of {c['lines_seen']}) to {out}/candidates")
 
 
-def _merge(cfg: MergeConfig) -> None:
+def _merge(cfg: VocabMergeConfig) -> None:
     from common.io import read_manifest
     from vocab.merge import merge_into_base
 
@@ -54,7 +54,7 @@ def _check(cfg: CheckConfig) -> None:
 
 
 def register(groups: Groups) -> None:
-    command(groups, "vocab train", TrainConfig, _train, positional=("inputs",))
-    command(groups, "vocab merge", MergeConfig, _merge)
+    command(groups, "vocab train", VocabTrainConfig, _train, positional=("inputs",))
+    command(groups, "vocab merge", VocabMergeConfig, _merge)
     command(groups, "vocab check", CheckConfig, _check, positional=("tokenizer",))
     command(groups, "vocab convert", ConvertConfig, _convert, positional=("source",))

@@ -35,7 +35,7 @@ _SCORE_FLOOR = -1e8
 
 
 @dataclass
-class MergeConfig:
+class VocabMergeConfig:
     """Append a candidate BPE vocabulary to a base tokenizer; write a Hugging Face folder.
 
     A byte-level BPE base (tokenizer.json, tekken JSON) gets the candidate's merges appended after its own,
@@ -229,7 +229,7 @@ def _hf_configs(base_path: Path, merged, special: list[str]) -> tuple[dict, dict
     return config, special_map
 
 
-def merge_into_base(cfg: MergeConfig) -> Path:
+def merge_into_base(cfg: VocabMergeConfig) -> Path:
     """Write the merged tokenizer folder `cfg.out`; returns its path."""
     from common.io import atomic_write_json, file_sha256
     from common.scripts import ScriptFilter

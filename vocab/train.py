@@ -44,7 +44,7 @@ class DefaultChars(list):
 
 
 @dataclass
-class TrainConfig:
+class VocabTrainConfig:
     """Train candidate SentencePiece BPE vocabularies on target-language text.
 
     The grid is --chars (exact numbers of single characters kept) x --sizes (total pieces of each
@@ -231,7 +231,7 @@ def candidate_name(chars: int, size: int) -> str:
 # ---------------------------------------------------------------------------------------------
 # the stage
 
-def _config_key(cfg: TrainConfig, files: list[Path]) -> str:
+def _config_key(cfg: VocabTrainConfig, files: list[Path]) -> str:
     # Size + mtime, not a hash: hashing a 10 GB corpus just to decide whether to resume is too slow.
     def stamp(f: Path):
         st = f.stat()
@@ -242,7 +242,7 @@ def _config_key(cfg: TrainConfig, files: list[Path]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def train_candidates(cfg: TrainConfig) -> Path:
+def train_candidates(cfg: VocabTrainConfig) -> Path:
     """Train the grid and write `out/candidates/chars{C}_size{N}.model` + `out/manifest.json`.
 
     Re-running with the same config and inputs returns the finished folder; an interrupted run resumes

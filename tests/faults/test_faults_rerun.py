@@ -12,7 +12,7 @@ from common.errors import GraftError
 from continual.config import MergeConfig as AdapterMergeConfig
 from continual.merge import merge_adapter
 from corpus.prepare import PrepareConfig, prepare
-from vocab.merge import MergeConfig, merge_into_base
+from vocab.merge import VocabMergeConfig, merge_into_base
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +23,9 @@ def cand(tmp_path_factory, base_model_path, news_lines):
 @pytest.mark.fault("re-run onto a finished output", "error")
 def test_vocab_merge_onto_an_output_made_with_other_settings_is_refused(tmp_path, base_model_path, cand):
     out = tmp_path / "tok"
-    merge_into_base(MergeConfig(base=str(base_model_path), add=str(cand), out=str(out)))
+    merge_into_base(VocabMergeConfig(base=str(base_model_path), add=str(cand), out=str(out)))
     before = (out / "manifest.json").read_bytes()
-    other = MergeConfig(base=str(base_model_path), add=str(cand), out=str(out), special=["<|im_end|>"])
+    other = VocabMergeConfig(base=str(base_model_path), add=str(cand), out=str(out), special=["<|im_end|>"])
     with pytest.raises(GraftError) as e:
         merge_into_base(other)
     assert str(e.value) == (f"{out}: holds a finished vocab.merge output made with different settings special. "
@@ -38,7 +38,7 @@ def test_vocab_merge_onto_an_output_made_with_other_settings_is_refused(tmp_path
 
 @pytest.mark.fault("re-run onto a finished output", "resumed")
 def test_vocab_merge_again_with_the_same_settings_is_skipped(tmp_path, base_model_path, cand, capsys):
-    cfg = MergeConfig(base=str(base_model_path), add=str(cand), out=str(tmp_path / "tok"))
+    cfg = VocabMergeConfig(base=str(base_model_path), add=str(cand), out=str(tmp_path / "tok"))
     merge_into_base(cfg)
     before = (tmp_path / "tok" / "manifest.json").read_bytes()
     capsys.readouterr()
@@ -67,16 +67,16 @@ def test_an_input_edit_keeping_size_and_mtime_is_noticed(tmp_path, base_model_pa
                             "Fix: use a new --out folder, or pass --overwrite to start this one over")
     # the same rule in a stage that writes atomically: vocab merge's candidate edited in place, same size
     out = tmp_path / "tok"
-    merge_into_base(MergeConfig(base=str(base_model_path), add=str(cand), out=str(out)))
+    merge_into_base(VocabMergeConfig(base=str(base_model_path), add=str(cand), out=str(out)))
     edited = tmp_path / "cand2.model"
     edited.write_bytes(cand.read_bytes())
-    merge_into_base(MergeConfig(base=str(base_model_path), add=str(edited), out=str(tmp_path / "tok2")))
+    merge_into_base(VocabMergeConfig(base=str(base_model_path), add=str(edited), out=str(tmp_path / "tok2")))
     data = bytearray(edited.read_bytes())
     data[-3] ^= 0x01  # a byte of the last piece's score: size unchanged
     edited.write_bytes(bytes(data))
     with pytest.raises(GraftError, match=r"tok2: holds a finished vocab.merge output made with different inputs add "
                                          r"\(contents\). Fix: choose another --out, or pass --overwrite"):
-        merge_into_base(MergeConfig(base=str(base_model_path), add=str(edited), out=str(tmp_path / "tok2")))
+        merge_into_base(VocabMergeConfig(base=str(base_model_path), add=str(edited), out=str(tmp_path / "tok2")))
 
 
 @pytest.mark.fault("re-run onto a finished output", "error")
