@@ -19,16 +19,16 @@ from common.checkpoint import (CONFIG_FILE, Checkpoint, TensorPlan, copy_side_fi
                                rewrite_checkpoint, torch_dtype)
 from common.errors import input_error
 from common.rerun import guard
+from common.tokenizer_files import TOKENIZER_FILES
 from common.io import (MANIFEST, atomic_path, atomic_write_json, file_sha256, is_complete, read_manifest,
                        remove_stale_temps, write_manifest)
 from embed_init.config import DEFAULT_OUTPUT_METHOD, OUTPUT_ONLY_METHODS, EmbedInitConfig
 from embed_init.tokens import SPECIAL, TokenizerPieces, check_extends, load_pieces, surface_encoder
 
-EMBED_NAMES = ("model.embed_tokens.weight",)
-LM_HEAD_NAMES = ("lm_head.weight",)
+# Tensor names of the input and output embedding matrices (continual.model.EMBED_NAMES are module names).
+EMBED_TENSORS = ("model.embed_tokens.weight",)
+LM_HEAD_TENSORS = ("lm_head.weight",)
 HF_MEAN_EPSILON = 1e-9   # transformers' mean_resizing scales the covariance by this
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt")
 NEW_SHARD = "model-grown-embeddings.safetensors"
 _CHUNK_ROWS = 4096
 _MEAN_CHUNK = 1024  # new ids per vectorised step of `mean`
@@ -41,13 +41,13 @@ def padded_rows(n: int, multiple: int) -> int:
 
 def find_matrices(ckpt: Checkpoint) -> tuple[str, str | None, bool]:
     """(embed tensor name, lm_head name or None when tied and not stored, tied)."""
-    embed = next((n for n in EMBED_NAMES if ckpt.has(n)), None)
+    embed = next((n for n in EMBED_TENSORS if ckpt.has(n)), None)
     if embed is None:
         embed = next((n for n in ckpt.weight_map if n.endswith("embed_tokens.weight")), None)
     if embed is None:
         raise input_error(ckpt.dir, "no embed_tokens tensor found in the checkpoint",
                           "pass a Llama/Mistral/Mixtral-style checkpoint (tensor model.embed_tokens.weight)")
-    lm_head = next((n for n in LM_HEAD_NAMES if ckpt.has(n)), None)
+    lm_head = next((n for n in LM_HEAD_TENSORS if ckpt.has(n)), None)
     # PretrainedConfig defaults tie_word_embeddings to True when config.json omits it.
     tied = bool(ckpt.config.get("tie_word_embeddings", True))
     if lm_head is None and not tied:
