@@ -8,7 +8,8 @@ The dataclass docstring becomes the command's description, and each field's
 
 Supported field types: str, int, float, bool (`--x/--no-x`), Path, Optional[...] of those,
 and list[...] of those (`--x a b` or `--x a --x b`; commas split too unless `metadata["split"]`
-is False). Keep config modules free of heavy imports so `graft --help` stays fast.
+is False). A positional list field may also be given with a flag, `metadata["flag"]` (e.g. `vocab train`'s
+inputs as `--corpus`, the name the other commands use for their text): both forms add up. Keep config modules free of heavy imports so `graft --help` stays fast.
 """
 from __future__ import annotations
 
@@ -76,7 +77,12 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, positional: tupl
         kw: dict[str, Any] = {"help": help_text, "dest": f.name}
         if f.name in positional:
             kw.pop("dest")
-            if is_list:
+            if is_list and f.metadata.get("flag"):
+                parser.add_argument(f.name, nargs="*", metavar=f.name.upper(), **kw)
+                parser.add_argument(f.metadata["flag"], nargs="+", action="extend", default=None, type=str,
+                                    metavar=f.name.upper(), dest=_flag_dest(f.name),
+                                    help=f"the same as {f.name.upper()} (both forms add up)")
+            elif is_list:
                 parser.add_argument(f.name, nargs="+" if not has_default else "*", metavar=f.name.upper(), **kw)
             else:
                 parser.add_argument(f.name, nargs=None if not has_default else "?", type=str,
@@ -92,6 +98,19 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, positional: tupl
                                 metavar=f.metadata.get("metavar", scalar.__name__.upper()), **kw)
 
 
+def _flag_dest(name: str) -> str:
+    return f"_{name}_flag"
+
+
+def _positional_and_flag(f: dataclasses.Field, ns: argparse.Namespace) -> list[str] | None:
+    """A positional list field's values given either way (None when neither gave any)."""
+    values = list(getattr(ns, f.name) or []) + list(getattr(ns, _flag_dest(f.name), None) or [])
+    if not values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        raise argparse.ArgumentTypeError(f"no {f.name} given. Fix: pass them as {f.name.upper()}... or with "
+                                         f"{f.metadata['flag']} {f.name.upper()}...")
+    return values or None
+
+
 def config_from_args(cls: type, ns: argparse.Namespace) -> Any:
     """Build `cls` from parsed args; values left unset keep the dataclass defaults."""
     hints = typing.get_type_hints(cls)
@@ -99,7 +118,7 @@ def config_from_args(cls: type, ns: argparse.Namespace) -> Any:
     for f in dataclasses.fields(cls):
         if not f.init or f.metadata.get("cli") is False or not hasattr(ns, f.name):
             continue
-        value = getattr(ns, f.name)
+        value = _positional_and_flag(f, ns) if hasattr(ns, _flag_dest(f.name)) else getattr(ns, f.name)
         if value is None:
             continue
         scalar, is_list, _ = _unwrap(hints[f.name])

@@ -126,6 +126,18 @@ def test_cli_train(tmp_path, zh_file, capsys):
     assert [c["size"] for c in m["candidates"]] == [2000, 2600]
     assert m["candidates"][0]["path"] == "candidates/chars1500_size2000.model"
     assert RESERVED == 259
+    # --corpus, the flag vocab score / check and audit use, gives the same inputs as the positional form
+    rc = main(["vocab", "train", "--corpus", str(zh_file), "--out", str(tmp_path / "f"), "--chars", "1500",
+               "--sizes", "2000,2600", "--max-sentences", "800", "--no-progress"])
+    assert rc == 0
+    for c in m["candidates"]:
+        assert (tmp_path / "f" / c["path"]).read_bytes() == (tmp_path / "c" / c["path"]).read_bytes()
+    assert json.loads((tmp_path / "f/manifest.json").read_text())["config"]["inputs"] == [str(zh_file)]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["vocab", "train", "--out", str(tmp_path / "g")])
+    assert exit_.value.code == 2
+    assert "no inputs given. Fix: pass them as INPUTS... or with --corpus INPUTS..." in capsys.readouterr().err
 
 
 def test_interrupted_run_resumes_from_trained_models(tmp_path, zh_file, monkeypatch):

@@ -54,11 +54,11 @@ class VocabTrainConfig:
     no whitespace collapsing, dummy prefix.
 
     Example:
-      graft vocab train zh.jsonl --out runs/cands --chars 4451,5435 --sizes 8000:30000:2000
+      graft vocab train --corpus zh.jsonl --out runs/cands --chars 4451,5435 --sizes 8000:30000:2000
     """
 
     inputs: list[str] = field(metadata={"help": "text files or globs (.jsonl[.gz|.zst] field 'text', .parquet column "
-                                                "'text', .txt[.gz] one document per line)"})
+                                                "'text', .txt[.gz] one document per line)", "flag": "--corpus"})
     out: str = field(metadata={"help": "output folder: candidates/chars{C}_size{N}.model + manifest.json"})
     base: str | None = field(default=None, metadata={
         "help": "base tokenizer. A byte-level BPE (tokenizer.json folder or file, or Mistral's tekken JSON): "
