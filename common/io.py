@@ -136,6 +136,23 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def open_input(path: str | Path):
+    """`open(path, "rb")` for an input file; a file that cannot be opened is a GraftError naming it and the fix
+    (not found, permission denied, a folder, any other OS error)."""
+    from common.errors import input_error
+
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise input_error(path, "file not found", "check the path") from None
+    except PermissionError:
+        raise input_error(path, "permission denied", "make the file readable (chmod +r) or copy it") from None
+    except IsADirectoryError:
+        raise input_error(path, "is a folder, not a file", "pass the file inside it") from None
+    except OSError as e:
+        raise input_error(path, f"cannot open ({e.strerror})", "check that the file is readable") from None
+
+
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

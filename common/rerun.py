@@ -29,8 +29,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
-from common.errors import GraftError, input_error
-from common.io import MANIFEST, file_sha256, is_complete, read_json, to_jsonable
+from common.errors import GraftError
+from common.io import MANIFEST, file_sha256, is_complete, open_input, read_json, to_jsonable
 
 CONTENT_HASH_LIMIT = 64 << 20  # bigger files are fingerprinted by size + mtime
 # Fields that change how a stage runs, never what it writes.
@@ -42,12 +42,11 @@ def file_fingerprint(path: Path) -> str:
     st = path.stat()
     if st.st_size > CONTENT_HASH_LIMIT:
         return f"stat:{st.st_size}:{st.st_mtime_ns}"
-    try:
-        return "sha256:" + file_sha256(path)
-    except PermissionError:  # the same error the stage's own reader gives, before it even starts
-        raise input_error(path, "permission denied", "make the file readable (chmod +r) or copy it") from None
-    except OSError as e:
-        raise input_error(path, f"cannot read ({e.strerror})", "check that the file is readable") from None
+    with open_input(path) as f:  # the same error the stage's own reader gives, before it even starts
+        h = hashlib.sha256()
+        while block := f.read(1 << 20):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
 
 
 def input_fingerprint(path: str | Path | None) -> str | None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, Iterable, Iterator
 
 from common.errors import GraftError, input_error
+from common.io import open_input
 
 FORMATS = ("jsonl", "parquet", "txt")
 ON_CORRUPT = ("stop", "skip")
@@ -152,14 +153,7 @@ def _chunks(path: Path) -> Iterator[bytes]:
     """The file's (decompressed) bytes in chunks. Raises _Broken at a truncated or corrupt stream: unlike
     gzip.open or zstandard's stream_reader (which returns nothing at all for a truncated .zst), a stream
     that ends before its end marker is an error here. Concatenated members/frames are read in turn."""
-    try:
-        fh = open(path, "rb")
-    except FileNotFoundError:
-        raise input_error(path, "file not found", "check the path") from None
-    except PermissionError:
-        raise input_error(path, "permission denied", "make the file readable (chmod +r) or copy it") from None
-    except OSError as e:
-        raise input_error(path, f"cannot open ({e.strerror})", "check that the file is readable") from None
+    fh = open_input(path)
     codec = _decompressor(path.name.lower())
     offset = 0  # compressed bytes consumed so far
 

@@ -154,7 +154,28 @@ def load_pieces(path: str | Path) -> TokenizerPieces:
     return TokenizerPieces(path, pieces, kinds, proto, added)
 
 
-class ByteLevelSurfaceEncoder:
+class _Encoder:
+    """Old ids for a new token's surface (unknown pieces dropped); [] means "no usable sub-pieces". A surface
+    is text, or bytes (decoded when they are whole UTF-8 text, else split as bytes)."""
+
+    def encode(self, surface: str | bytes | None) -> list[int]:
+        if surface is None:
+            return []
+        if isinstance(surface, bytes):
+            try:
+                surface = surface.decode("utf-8")
+            except UnicodeDecodeError:
+                return self.encode_bytes(surface)
+        return self.encode_text(surface)
+
+    def encode_text(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_bytes(self, data: bytes) -> list[int]:
+        raise NotImplementedError
+
+
+class ByteLevelSurfaceEncoder(_Encoder):
     """Encodes a surface with an OLD byte-level BPE: text through the whole tokenizer without BOS/EOS (its
     normalizer, pre-tokenizer, added tokens and BPE); bytes that are not whole UTF-8 text (a new token holding
     part of a character) through its BPE model alone, on their byte-level string."""
@@ -162,21 +183,17 @@ class ByteLevelSurfaceEncoder:
     def __init__(self, old: TokenizerPieces):
         self.tok = old.bytelevel.tokenizer()
 
-    def encode(self, surface: str | bytes | None) -> list[int]:
+    def encode_text(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_bytes(self, data: bytes) -> list[int]:
         from common.bytelevel import to_bytelevel
 
-        if surface is None:
-            return []
-        if isinstance(surface, bytes):
-            try:
-                surface = surface.decode("utf-8")
-            except UnicodeDecodeError:
-                ids = [self.tok.token_to_id(t.value) for t in self.tok.model.tokenize(to_bytelevel(surface))]
-                return [i for i in ids if i is not None]
-        return self.tok.encode(surface, add_special_tokens=False).ids
+        ids = [self.tok.token_to_id(t.value) for t in self.tok.model.tokenize(to_bytelevel(data))]
+        return [i for i in ids if i is not None]
 
 
-class SurfaceEncoder:
+class SurfaceEncoder(_Encoder):
     """Encodes surface text with the OLD tokenizer: no BOS/EOS, no dummy-prefix space, spaces kept."""
 
     def __init__(self, old: TokenizerPieces):
@@ -195,19 +212,13 @@ class SurfaceEncoder:
         # Added (non-special) tokens of the old tokenizer are matched literally, like HF does.
         self.added = {p: i for i, p in old.added.items() if old.kinds[i] != SPECIAL}
 
-    def encode(self, surface: str | bytes | None) -> list[int]:
-        """Old ids for a surface (unknown pieces dropped); [] means "no usable sub-pieces"."""
-        if surface is None:
-            return []
-        if isinstance(surface, bytes):
-            try:
-                surface = surface.decode("utf-8")
-            except UnicodeDecodeError:
-                return [self.byte_ids[b] for b in (surface[i:i + 1] for i in range(len(surface)))
-                        if b in self.byte_ids]
-        if surface in self.added:
-            return [self.added[surface]]
-        return [i for i in self.sp.encode(surface) if i != self.unk_id]
+    def encode_text(self, text: str) -> list[int]:
+        if text in self.added:
+            return [self.added[text]]
+        return [i for i in self.sp.encode(text) if i != self.unk_id]
+
+    def encode_bytes(self, data: bytes) -> list[int]:
+        return [self.byte_ids[b] for b in (data[i:i + 1] for i in range(len(data))) if b in self.byte_ids]
 
 
 def surface_encoder(old: TokenizerPieces) -> SurfaceEncoder | ByteLevelSurfaceEncoder:

@@ -23,7 +23,6 @@ SentencePiece check's, so `format_report` prints both):
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -37,19 +36,11 @@ _MODEL_OPTIONS = ("type", "dropout", "unk_token", "continuing_subword_prefix", "
 
 
 def _autotokenizer_problems(folder: Path, base: ByteLevelTokenizer) -> list[str]:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from vocab.check import load_offline
 
-    hf_logging.set_verbosity_error()
-    try:
-        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except Exception as e:  # anything that stops loading is the finding
-        return [f"AutoTokenizer.from_pretrained failed: {type(e).__name__}: {str(e)[:200]}"]
-    problems = []
-    if not tok.is_fast:
-        problems.append("AutoTokenizer did not load a fast tokenizer")
+    tok, problems = load_offline(folder)
+    if tok is None:
+        return problems
     base_ids = {**base.vocab, **{t["content"]: int(t["id"]) for t in base.added_tokens}}
     for attr in ("bos_token", "eos_token", "unk_token", "pad_token"):
         want = base.config.get(attr, base.special_map.get(attr))
@@ -70,7 +61,7 @@ def check_bytelevel(cfg: Any) -> dict[str, Any]:
 
     from common.scripts import ScriptFilter
     from vocab.bytelevel import TargetSafety, unreachable
-    from vocab.check import PROBES, _lines
+    from vocab.check import PROBES, _lines, tally, tokens_per_char
 
     folder = Path(cfg.tokenizer)
     manifest = read_json(folder / "manifest.json") if (folder / "manifest.json").is_file() else {}
@@ -138,13 +129,7 @@ def check_bytelevel(cfg: Any) -> dict[str, Any]:
         b_text = btok.decode_batch(b_ids, skip_special_tokens=False)
         m_text = mtok.decode_batch(m_ids, skip_special_tokens=False)
         for line, bi, mi, bt, mt in zip(chunk, b_ids, m_ids, b_text, m_text):
-            kind = "target" if script.has(line) else "non_target"
-            st = stats[kind]
-            st[0] += 1
-            st[1] += len(line)
-            st[2] += len(bi)
-            st[3] += len(mi)
-            if kind == "non_target" and mi != bi:
+            if tally(stats, script, line, bi, mi):
                 non_target_changed += 1
                 examples["non_target_changed"].append(line[:80])
             if bt != line or mt != line:
@@ -180,12 +165,7 @@ def check_bytelevel(cfg: Any) -> dict[str, Any]:
         "special_tokens_not_single_id": len(special_bad),
         "autotokenizer_problems": len(problems := _autotokenizer_problems(folder, base)),
     }
-    per_char = {}
-    for kind, (n, chars, b, m) in stats.items():
-        per_char[kind] = {"lines": n, "chars": chars, "base_tokens": b, "merged_tokens": m,
-                          "base_tokens_per_char": round(b / chars, 4) if chars else None,
-                          "merged_tokens_per_char": round(m / chars, 4) if chars else None,
-                          "token_reduction": round(1 - m / b, 4) if b else None}
+    per_char = tokens_per_char(stats)
     return {"tokenizer": str(folder), "base": str(cfg.base), "kind": "bytelevel", "script": script.name,
             "vocab_size": merged.size(), "base_vocab_size": base_size, "added_pieces": len(new_tokens),
             "partial_character_tokens": sum(1 for _, t in new_tokens if _partial(t)),

@@ -70,7 +70,9 @@ def _lines(patterns: list[str], max_lines: int) -> tuple[list[str], dict]:
     return out, dict(rejects.counts)
 
 
-def _autotokenizer_problems(folder: Path, base) -> list[str]:
+def load_offline(folder: Path) -> tuple[Any, list[str]]:
+    """`AutoTokenizer.from_pretrained(folder)` offline, and what is wrong with it so far: (None, [why]) when it
+    does not load, (tok, ["not fast"]) for a slow tokenizer."""
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -79,18 +81,45 @@ def _autotokenizer_problems(folder: Path, base) -> list[str]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    problems = []
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:  # anything that stops loading is the finding
-        return [f"AutoTokenizer.from_pretrained failed: {type(e).__name__}: {str(e)[:200]}"]
+        return None, [f"AutoTokenizer.from_pretrained failed: {type(e).__name__}: {str(e)[:200]}"]
+    return tok, ([] if tok.is_fast else ["AutoTokenizer did not load a fast tokenizer"])
+
+
+def tally(stats: dict[str, list[int]], script, line: str, base_ids: list[int], ids: list[int]) -> bool:
+    """Count a checked line into stats[target | non_target] (lines, chars, base tokens, merged tokens); True for
+    a line without the target script whose ids differ from the base's."""
+    kind = "target" if script.has(line) else "non_target"
+    s = stats[kind]
+    s[0] += 1
+    s[1] += len(line)
+    s[2] += len(base_ids)
+    s[3] += len(ids)
+    return kind == "non_target" and ids != base_ids
+
+
+def tokens_per_char(stats: dict[str, list[int]]) -> dict[str, dict[str, Any]]:
+    """The report's tokens-per-character table from {kind: [lines, chars, base tokens, merged tokens]}."""
+    out = {}
+    for kind, (n, chars, b, m) in stats.items():
+        out[kind] = {"lines": n, "chars": chars, "base_tokens": b, "merged_tokens": m,
+                     "base_tokens_per_char": round(b / chars, 4) if chars else None,
+                     "merged_tokens_per_char": round(m / chars, 4) if chars else None,
+                     "token_reduction": round(1 - m / b, 4) if b else None}
+    return out
+
+
+def _autotokenizer_problems(folder: Path, base) -> list[str]:
+    tok, problems = load_offline(folder)
+    if tok is None:
+        return problems
     spec = base.trainer_spec
     for attr, i in (("bos_token", spec.bos_id), ("eos_token", spec.eos_id), ("unk_token", spec.unk_id)):
         want = base.pieces[i].piece if i >= 0 else None
         if getattr(tok, attr) != want or (want is not None and tok.convert_tokens_to_ids(want) != i):
             problems.append(f"{attr} is {getattr(tok, attr)!r}, base has {want!r} (id {i})")
-    if not tok.is_fast:
-        problems.append("AutoTokenizer did not load a fast tokenizer")
     return problems
 
 
@@ -138,13 +167,7 @@ def check_tokenizer(cfg: CheckConfig) -> dict[str, Any]:
     for line in tqdm(list(PROBES) + lines, desc="checking lines", disable=len(lines) < 2000, mininterval=1.0):
         ids = sp.encode(line)
         base_ids = base_sp.encode(line)
-        kind = "target" if script.has(line) else "non_target"
-        s = stats[kind]
-        s[0] += 1
-        s[1] += len(line)
-        s[2] += len(base_ids)
-        s[3] += len(ids)
-        if kind == "non_target" and ids != base_ids:
+        if tally(stats, script, line, base_ids, ids):
             non_target_changed += 1
             examples["non_target_changed"].append(line[:80])
         fast_ids = fast.encode(line, add_special_tokens=False).ids
@@ -173,12 +196,7 @@ def check_tokenizer(cfg: CheckConfig) -> dict[str, Any]:
         "special_tokens_not_single_id": len(special_bad),
         "autotokenizer_problems": len(problems := _autotokenizer_problems(folder, base)),
     }
-    per_char = {}
-    for kind, (n, chars, b, m) in stats.items():
-        per_char[kind] = {"lines": n, "chars": chars, "base_tokens": b, "merged_tokens": m,
-                          "base_tokens_per_char": round(b / chars, 4) if chars else None,
-                          "merged_tokens_per_char": round(m / chars, 4) if chars else None,
-                          "token_reduction": round(1 - m / b, 4) if b else None}
+    per_char = tokens_per_char(stats)
     return {"tokenizer": str(folder), "base": str(cfg.base), "script": script.name,
             "vocab_size": len(merged.pieces), "base_vocab_size": n_base, "added_pieces": len(added),
             "lines_checked": len(lines), "probe_lines": len(PROBES), "lines_with_control_text": skipped_control,
