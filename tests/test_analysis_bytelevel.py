@@ -72,9 +72,9 @@ def test_score_and_pick_on_byte_level_candidates(tmp_path, tekken_path, grid):
 
 
 def test_audit_side_by_side(tekken_path, base_model_path, grid):
-    from vocab.bytelevel_stages import ConvertConfig, convert_tekken
+    from vocab.bytelevel_stages import ConvertConfig, convert_base
 
-    folder = convert_tekken(ConvertConfig(source=str(tekken_path), out=str(grid["dir"] / "nemo")))
+    folder = convert_base(ConvertConfig(source=str(tekken_path), out=str(grid["dir"] / "nemo")))
     rows = audit_tables(AuditConfig(tokenizers=[str(base_model_path), str(tekken_path), str(folder), str(grid["tok"])],
                                     corpus=[str(grid["dev"]), str(grid["en"])], progress=False))
     by = {(r["corpus"], r["tokenizer"]): r for r in rows}

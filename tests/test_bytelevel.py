@@ -8,7 +8,7 @@ import pytest
 
 from common.bytelevel import (from_bytelevel, load_bytelevel, tekken_to_tokenizer, to_bytelevel, tokenizer_family)
 from common.errors import GraftError
-from vocab.bytelevel_stages import ConvertConfig, convert_tekken
+from vocab.bytelevel_stages import ConvertConfig, convert_base
 from workflows.cli import main
 
 ADVERSARIAL = [
@@ -95,12 +95,12 @@ def test_convert_rejects_a_file_that_is_not_tekken(tmp_path):
     bad = tmp_path / "x.json"
     bad.write_text('{"hello": 1}')
     with pytest.raises(GraftError) as e:
-        convert_tekken(ConvertConfig(source=str(bad), out=str(tmp_path / "o")))
+        convert_base(ConvertConfig(source=str(bad), out=str(tmp_path / "o")))
     assert str(e.value).startswith(f"{bad}: is not a tekken tokenizer file")
     broken = tmp_path / "broken.json"
     broken.write_text('{"config": {\n  "pattern": ')
     with pytest.raises(GraftError) as e:
-        convert_tekken(ConvertConfig(source=str(broken), out=str(tmp_path / "o")))
+        convert_base(ConvertConfig(source=str(broken), out=str(tmp_path / "o")))
     assert str(e.value).startswith(f"{broken}:2: not valid JSON")
 
 

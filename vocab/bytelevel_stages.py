@@ -8,7 +8,8 @@ new merges. `--sizes` counts the tokens added to the base (the candidate's vocab
 `vocab merge --base BASE --add CANDIDATE.json`: appends the candidate's merges (and their tokens, at ids
 after every base id) to the base's tokenizer.json; writes a Hugging Face folder.
 
-`vocab convert TEKKEN.json --out DIR`: Mistral's tekken file as a Hugging Face tokenizer folder.
+`vocab convert TEKKEN.json|VOCAB.gguf --out DIR`: Mistral's tekken file, or the byte-level tokenizer of a
+llama.cpp GGUF file (Llama-3, Qwen2), as a Hugging Face tokenizer folder.
 """
 from __future__ import annotations
 
@@ -248,44 +249,61 @@ def _tsv(text: str) -> str:
 
 @dataclass
 class ConvertConfig:
-    """Convert Mistral's tekken tokenizer file (Mistral-Nemo and later) to a Hugging Face tokenizer folder.
+    """Convert a byte-level base that has no tokenizer.json into a Hugging Face tokenizer folder: Mistral's
+    tekken JSON (Mistral-Nemo and later) or the tokenizer of a llama.cpp GGUF file (Llama-3, Qwen2).
 
     The folder (tokenizer.json, tokenizer_config.json, special_tokens_map.json, manifest.json) encodes text to
-    the same ids as mistral-common's Tekkenizer: specials first (ids 0..999), then the ranks offset by the
-    number of specials, merges derived from the ranks, the file's regex as a Split pre-tokenizer followed by
-    ByteLevel, ignore_merges. `AutoTokenizer.from_pretrained(OUT)` loads it offline; BOS is added like
-    `Tekkenizer.encode(bos=True)`.
+    the same ids as the source. tekken: as mistral-common's Tekkenizer (specials first, ids 0..999, then the
+    ranks offset by the number of specials, merges derived from the ranks, the file's regex as a Split
+    pre-tokenizer followed by ByteLevel, ignore_merges; BOS added like `Tekkenizer.encode(bos=True)`). GGUF:
+    its tokens, token types and merges with the pre-tokenizer named by `tokenizer.ggml.pre` (llama-bpe = Llama-3,
+    qwen2), as the family's own tokenizer.json. `AutoTokenizer.from_pretrained(OUT)` loads it offline.
 
     Example:
       graft vocab convert .venv/lib/python3.11/site-packages/mistral_common/data/tekken_240718.json --out runs/nemo_tok
+      graft vocab convert .cache/llama.cpp/0c1e57098/models/ggml-vocab-llama-bpe.gguf --out runs/llama3_tok
     """
 
-    source: str = field(metadata={"help": "tekken JSON file (e.g. tekken.json of a Mistral-Nemo repository)"})
+    source: str = field(metadata={"help": "tekken JSON file (e.g. tekken.json of a Mistral-Nemo repository) or a "
+                                          "GGUF file with a byte-level BPE tokenizer (tokenizer.ggml.model gpt2)"})
     out: str = field(metadata={"help": "output folder (a Hugging Face tokenizer folder)"})
     overwrite: bool = overwrite_field()
 
 
-def convert_tekken(cfg: ConvertConfig) -> Path:
+def convert_base(cfg: ConvertConfig) -> Path:
     """Write the converted folder `cfg.out`; returns its path."""
+    from common.gguf_vocab import gguf_hf_config, gguf_to_tokenizer, is_gguf_file
+
     started = time.time()
     src, out = Path(cfg.source), Path(cfg.out)
     skip, rerun = guard(cfg, out, stage="vocab.convert", inputs={"source": src})
     if skip:
         return out
     if not src.is_file():
-        raise input_error(src, "not found", "pass the path of a tekken JSON file")
-    tok, info = tekken_to_tokenizer(src)
-    config, special_map = tekken_hf_config(info)
+        raise input_error(src, "not found", "pass the path of a tekken JSON file or a GGUF file")
+    if is_gguf_file(src):
+        tok, info = gguf_to_tokenizer(src)
+        config, special_map = gguf_hf_config(info)
+        counts = {"vocab_size": info.n_vocab, "special_tokens": len(info.specials) + len(info.user_defined),
+                  "regular_tokens": info.n_vocab - len(info.specials) - len(info.user_defined),
+                  "padding_dropped": info.n_padding}
+        about = {"source_kind": "gguf", "gguf_pre_tokenizer": info.pre, "family": info.family}
+    else:
+        tok, info = tekken_to_tokenizer(src)
+        config, special_map = tekken_hf_config(info)
+        counts = {"vocab_size": info.n_special + info.n_vocab, "special_tokens": info.n_special,
+                  "regular_tokens": info.n_vocab}
+        about = {"source_kind": "tekken", "tekken_version": info.version}
+    text = tok.to_str(pretty=True)
+    counts["merges"] = len(json.loads(text)["model"]["merges"])
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
-        files = write_hf_folder(tmp, tok.to_str(pretty=True), config, special_map)
+        files = write_hf_folder(tmp, text, config, special_map)
         write_manifest(tmp, stage="vocab.convert", config=cfg, started=started, rerun=rerun,
                        inputs={"source": {"path": str(src), "sha256": file_sha256(src)}},
-                       counts={"vocab_size": info.n_special + info.n_vocab, "special_tokens": info.n_special,
-                               "regular_tokens": info.n_vocab, "merges": len(json.loads(tok.to_str())["model"]["merges"])},
-                       tekken_version=info.version, tokenizer_files=files)
+                       counts=counts, tokenizer_files=files, **about)
     return out
 
 
-__all__ = ["train_bytelevel", "merge_bytelevel", "ConvertConfig", "convert_tekken", "load_candidate",
+__all__ = ["train_bytelevel", "merge_bytelevel", "ConvertConfig", "convert_base", "load_candidate",
            "model_fingerprint", "CANDIDATE_FORMAT", "check_train_config"]

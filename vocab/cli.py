@@ -39,9 +39,9 @@ def _merge(cfg: VocabMergeConfig) -> None:
 
 def _convert(cfg: ConvertConfig) -> None:
     from common.io import read_manifest
-    from vocab.bytelevel_stages import convert_tekken
+    from vocab.bytelevel_stages import convert_base
 
-    out = convert_tekken(cfg)
+    out = convert_base(cfg)
     c = read_manifest(out)["counts"]
     print(f"wrote {out}: {c['vocab_size']} ids ({c['special_tokens']} special + {c['regular_tokens']} byte-level BPE "
           f"tokens, {c['merges']} merges)")
