@@ -38,7 +38,7 @@ class VocabSizes:
     embed_rows: int
     lm_head_rows: int | None  # None: tied, not stored
     tokenizer: int  # len(HF tokenizer) == what llama.cpp reads
-    sentencepiece: int  # pieces in tokenizer.model
+    sentencepiece: int  # pieces in tokenizer.model (0: a byte-level tokenizer.json)
 
     @property
     def padding(self) -> int:
@@ -79,12 +79,12 @@ def check_vocab(model: str | Path) -> VocabSizes:
     model = Path(model)
     config = _read_config(model)
     spm_path = model / "tokenizer.model"
-    if not spm_path.is_file() and (model / "tokenizer.json").is_file():
-        raise input_error(model, "no tokenizer.model: only SentencePiece tokenizers (Llama, Mistral, Mixtral) "
-                                 "are exported so far; byte-level BPE bases (tokenizer.json only) wait for the "
-                                 "byte-level graft (issue 12)",
-                          "pass a checkpoint with its SentencePiece tokenizer.model (graft merge copies it)")
-    if not spm_path.is_file():
+    bytelevel = not spm_path.is_file() and (model / "tokenizer.json").is_file()
+    if bytelevel:
+        from common.bytelevel import load_bytelevel
+
+        load_bytelevel(model)  # a tokenizer.json that is not a byte-level BPE is refused here, naming what it is
+    elif not spm_path.is_file():
         raise input_error(model, "no tokenizer files (tokenizer.model expected): llama.cpp's file holds the "
                                  "vocabulary", "copy the tokenizer folder (`graft vocab merge` output, or the "
                                  "base's tokenizer) into the checkpoint")
@@ -103,8 +103,7 @@ def check_vocab(model: str | Path) -> VocabSizes:
                                          f"is {vocab}", f"set vocab_size to {info.shape[0]} in {model / 'config.json'} "
                                          "if the tensor is right, or re-run `graft embed init` / `graft merge` to "
                                          "rebuild the checkpoint")
-    sp = spm.SentencePieceProcessor(model_file=str(spm_path))
-    n_sp = sp.get_piece_size()
+    n_sp = 0 if bytelevel else spm.SentencePieceProcessor(model_file=str(spm_path)).get_piece_size()
     try:
         n_hf = len(AutoTokenizer.from_pretrained(str(model)))
     except Exception as e:  # noqa: BLE001 - any load failure is the tokenizer files' problem
@@ -112,7 +111,7 @@ def check_vocab(model: str | Path) -> VocabSizes:
                           "copy the tokenizer folder of `graft vocab merge` into the checkpoint") from None
     added = _llama_cpp_added_ids(model)
     n_llama = max([n_sp] + [i + 1 for i in added])
-    if n_hf != n_llama:
+    if not bytelevel and n_hf != n_llama:
         raise input_error(model / "tokenizer.json", f"the Hugging Face tokenizer has {n_hf} tokens but llama.cpp "
                                                     f"would read {n_llama} (tokenizer.model has {n_sp} pieces, "
                                                     "plus added_tokens.json / tokenizer_config.json "
@@ -129,12 +128,27 @@ def check_vocab(model: str | Path) -> VocabSizes:
                       tokenizer=n_hf, sentencepiece=n_sp)
 
 
-def run_converter(src: Path, model: Path, out_file: Path, outtype: str, progress: bool = True) -> float:
-    """Run llama.cpp's convert_hf_to_gguf.py; returns seconds. Its errors become a GraftError naming the model."""
+# Runs convert_hf_to_gguf.py with its pre-tokenizer detection answering NAME: the converter hashes the ids of a
+# test text and knows only the hashes of published tokenizers, so it refuses any graft of a byte-level base.
+_WITH_PRE = """import runpy, sys
+src, pre = sys.argv[1], sys.argv[2]
+sys.path[:0] = [src, src + "/gguf-py"]
+from conversion.base import TextModel
+TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
+sys.argv = [src + "/convert_hf_to_gguf.py"] + sys.argv[3:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_converter(src: Path, model: Path, out_file: Path, outtype: str, progress: bool = True,
+                  pre_tokenizer: str | None = None) -> float:
+    """Run llama.cpp's convert_hf_to_gguf.py (told the byte-level pre-tokenizer's name when given); returns
+    seconds. Its errors become a GraftError naming the model."""
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # use the pinned gguf-py
     env.setdefault("HF_HUB_OFFLINE", "1")
-    cmd = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(model), "--outfile", str(out_file),
-           "--outtype", outtype]
+    args = [str(model), "--outfile", str(out_file), "--outtype", outtype]
+    cmd = ([sys.executable, "-c", _WITH_PRE, str(src), pre_tokenizer] + args if pre_tokenizer
+           else [sys.executable, str(src / "convert_hf_to_gguf.py")] + args)
     started = time.time()
     tail: deque[str] = deque(maxlen=40)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -169,10 +183,9 @@ def import_gguf(src: Path):
     return gguf
 
 
-def check_gguf(src: Path, path: Path, model: Path, sizes: VocabSizes) -> dict[str, Any]:
-    """Read the written file back: vocabulary size, padded ids UNUSED, the pieces as in tokenizer.model."""
-    import sentencepiece as spm
-
+def check_gguf(src: Path, path: Path, model: Path, sizes: VocabSizes, pre_tokenizer: str | None = None) -> dict[str, Any]:
+    """Read the written file back: vocabulary size, padded ids UNUSED, the pieces as in tokenizer.model (byte-level:
+    tokenizer model gpt2, the given pre-tokenizer, the tokens as in tokenizer.json)."""
     gguf = import_gguf(src)
     reader = gguf.GGUFReader(str(path))
 
@@ -187,19 +200,24 @@ def check_gguf(src: Path, path: Path, model: Path, sizes: VocabSizes) -> dict[st
     types = [int(field("tokenizer.ggml.token_type").parts[i][0]) for i in field("tokenizer.ggml.token_type").data]
     tok_model = bytes(field("tokenizer.ggml.model").parts[-1]).decode()
     problems = []
-    if tok_model != "llama":
-        problems.append(f"tokenizer model {tok_model!r}, expected 'llama' (SentencePiece)")
+    want = "gpt2" if not sizes.sentencepiece else "llama"
+    if tok_model != want:
+        problems.append(f"tokenizer model {tok_model!r}, expected {want!r}")
+    if not sizes.sentencepiece:
+        pre = bytes(field("tokenizer.ggml.pre").parts[-1]).decode()
+        if pre != pre_tokenizer:
+            problems.append(f"pre-tokenizer {pre!r}, expected {pre_tokenizer!r}")
     if len(tokens) != sizes.config:
         problems.append(f"{len(tokens)} tokens, expected {sizes.config} (config.json vocab_size)")
     pad_ids = range(sizes.tokenizer, sizes.config)
     not_unused = [i for i in pad_ids if i < len(types) and types[i] != UNUSED]
     if not_unused:
         problems.append(f"{len(not_unused)} padded ids are not UNUSED tokens (e.g. {not_unused[:5]})")
-    sp = spm.SentencePieceProcessor(model_file=str(model / "tokenizer.model"))
-    wrong = [i for i in range(min(sizes.sentencepiece, len(tokens))) if tokens[i] != sp.id_to_piece(i).encode()]
+    expected = _expected_tokens(model, sizes)
+    wrong = [i for i in range(min(len(expected), len(tokens))) if tokens[i] != expected[i].encode()]
     if wrong:
-        problems.append(f"{len(wrong)} tokens differ from tokenizer.model (e.g. id {wrong[0]}: "
-                        f"{tokens[wrong[0]]!r} vs {sp.id_to_piece(wrong[0])!r})")
+        problems.append(f"{len(wrong)} tokens differ from the tokenizer (e.g. id {wrong[0]}: "
+                        f"{tokens[wrong[0]]!r} vs {expected[wrong[0]]!r})")
     shapes = {t.name: [int(x) for x in t.shape] for t in reader.tensors if t.name in ("token_embd.weight", "output.weight")}
     for name, shape in shapes.items():
         if shape[-1] != sizes.config:  # gguf lists ne0 first: [hidden, vocab]
@@ -210,6 +228,19 @@ def check_gguf(src: Path, path: Path, model: Path, sizes: VocabSizes) -> dict[st
     arch = bytes(field("general.architecture").parts[-1]).decode()
     return {"architecture": arch, "tokens": len(tokens), "padded_unused": len(pad_ids), "tensors": len(reader.tensors),
             "tensor_shapes": shapes}
+
+
+def _expected_tokens(model: Path, sizes: VocabSizes) -> list[str]:
+    """The token strings the file must hold: tokenizer.model's pieces, or tokenizer.json's tokens by id."""
+    if sizes.sentencepiece:
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(model / "tokenizer.model"))
+        return [sp.id_to_piece(i) for i in range(sizes.sentencepiece)]
+    from common.bytelevel import load_bytelevel
+
+    by_id = load_bytelevel(model).id_to_token()
+    return [by_id[i] for i in range(sizes.tokenizer)]
 
 
 def export_gguf(cfg: GgufConfig) -> Path:
@@ -224,6 +255,11 @@ def export_gguf(cfg: GgufConfig) -> Path:
         raise input_error(out, "output already exists", "pass --overwrite to replace it, or choose another --out")
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if cfg.progress else (lambda msg: None)
     sizes = check_vocab(model)  # first: a wrong checkpoint is reported before llama.cpp is looked for
+    if not sizes.sentencepiece and not cfg.pre_tokenizer:
+        raise input_error(model, "a byte-level tokenizer (tokenizer.json): llama.cpp's converter recognises its "
+                                 "pre-tokenizer by a hash of ids, which the graft changed",
+                          "pass --pre-tokenizer with llama.cpp's name of the base's: llama-bpe (Llama-3), qwen2, "
+                          "tekken (Mistral-Nemo)")
     src = llama_cpp.source_dir(cfg.llama_cpp)
     say(f"vocabulary: config {sizes.config}, embed_tokens {sizes.embed_rows}, lm_head "
         f"{sizes.lm_head_rows if sizes.lm_head_rows is not None else 'tied'}, tokenizer {sizes.tokenizer}"
@@ -235,11 +271,12 @@ def export_gguf(cfg: GgufConfig) -> Path:
             target = tmp / f"model-{cfg.outtype}.gguf"
         else:
             target = tmp
-        seconds = run_converter(src, model, target, cfg.outtype, cfg.progress)
+        seconds = run_converter(src, model, target, cfg.outtype, cfg.progress, cfg.pre_tokenizer if not
+                                sizes.sentencepiece else None)
         if not target.is_file():
             raise input_error(model, f"llama.cpp's converter exited 0 but wrote no {target.name}",
                               "read its output above")
-        checked = check_gguf(src, target, model, sizes)
+        checked = check_gguf(src, target, model, sizes, cfg.pre_tokenizer)
         if as_folder:
             write_manifest(tmp, stage="export.gguf", config=cfg, started=started,
                            inputs={"model": str(model.resolve())},

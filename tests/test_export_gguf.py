@@ -95,9 +95,10 @@ def test_sizes_disagree_error_before_conversion(ws, tmp_path):
     with pytest.raises(GraftError, match=r"small/config\.json: the tokenizer has 33\d\d\d tokens but key 'vocab_size' "
                                          r"and model\.embed_tokens\.weight have 32000 rows.*Fix: grow the checkpoint"):
         export_gguf(GgufConfig(model=str(small), out=str(tmp_path / "x.gguf"), llama_cpp=nowhere, progress=False))
-    # no tokenizer.model: a byte-level base, not supported yet
+    # no tokenizer.model: only a byte-level tokenizer.json is exported without one; this one is SentencePiece's
     (small / "tokenizer.model").unlink()
-    with pytest.raises(GraftError, match=r"no tokenizer\.model.*issue 12"):
+    with pytest.raises(GraftError, match=r"small/tokenizer\.json: is not a tokenizer vocab-graft can grow: it is a "
+                                         r"BPE without a ByteLevel pre-tokenizer"):
         export_gguf(GgufConfig(model=str(small), out=str(tmp_path / "x.gguf"), llama_cpp=nowhere, progress=False))
     assert not list(tmp_path.glob("*.gguf*"))
 
