@@ -31,7 +31,7 @@ llama-cpp: setup
 	$(BIN)/python -m export.llama_cpp install
 
 test-export: llama-cpp
-	GRAFT_REQUIRE_LLAMA_CPP=1 $(BIN)/python -m pytest -q -rs tests/test_export_gguf.py
+	GRAFT_REQUIRE_LLAMA_CPP=1 $(BIN)/python -m pytest -q -rs tests/test_export_gguf.py tests/test_export_gguf_bytelevel.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -2,7 +2,8 @@
 file, converted by `graft vocab convert`), a tiny dense Llama with that many rows, exported by llama.cpp's own
 converter told the base's pre-tokenizer name, then tokenized by llama.cpp itself (llama-cpp-python, same pin).
 
-Skipped when the sdist, the converter or the wheel is not cached (`make test-export` provides them)."""
+Skipped when the sdist, the converter or the wheel is not cached; `make test-export` provides them and runs this
+file too, where a missing piece fails."""
 from __future__ import annotations
 
 import shutil
@@ -15,6 +16,7 @@ from corpus.sources import write_jsonl
 from export import llama_cpp
 from export.config import GgufConfig
 from export.gguf import export_gguf
+from test_export_gguf import _missing  # skips, or fails under `make test-export` (GRAFT_REQUIRE_LLAMA_CPP=1)
 from vocab.bytelevel_stages import ConvertConfig, convert_base
 from vocab.merge import VocabMergeConfig, merge_into_base
 from vocab.train import VocabTrainConfig, train_candidates
@@ -24,9 +26,9 @@ from vocab.train import VocabTrainConfig, train_candidates
 def graft(tmp_path_factory, news_lines):
     vocab = llama_cpp.vocab_file("llama-bpe")
     if vocab is None or llama_cpp.extract_source(download=False) is None:
-        pytest.skip(f"{llama_cpp.SDIST} is not cached (run `make llama-cpp`)")
+        _missing(f"{llama_cpp.SDIST} is not cached")
     if llama_cpp.installed() != llama_cpp.VERSION:
-        pytest.skip(f"llama-cpp-python {llama_cpp.VERSION} is not installed (run `make test-export`)")
+        _missing(f"llama-cpp-python {llama_cpp.VERSION} is not installed")
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 

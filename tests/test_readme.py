@@ -31,7 +31,7 @@ def test_readme_cli_examples_run(tmp_path):
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for stage in ("cands", "scores", "tok", "audit", "grown", "prep_news", "mix", "train", "merged",
-                  "nemo_tok", "nemo_cands", "nemo_scores", "nemo_graft", "nemo_audit", "nemo_grown"):
+                  "nemo_tok", "nemo_cands", "nemo_scores", "nemo_graft", "nemo_audit", "nemo_grown", "llama3_tok"):
         assert json.loads((runs / stage / "manifest.json").read_text())["status"] == "done", stage
     assert (runs / "train.sbatch").read_text().startswith("#!")
     assert "accelerate launch" in proc.stdout
