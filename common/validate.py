@@ -1,4 +1,4 @@
-"""Range checks for config values, run when a config is built (command line, TOML file, workflow file).
+"""Range and choice checks for config values, run when a config is built (command line, TOML file, workflow file).
 
 Each config lists its numeric fields with a rule; `check_ranges` raises one GraftError naming every
 value out of range, the key (and its command-line flag) and what is allowed:
@@ -7,7 +7,10 @@ value out of range, the key (and its command-line flag) and what is allowed:
         check_ranges(self, {"learning_rate": ">0", "lora_dropout": "[0,1)", "block_size": ">=1"})
 
 Rules: ">0", ">=0", ">=1", ">=2", "[0,1)", "[0,1]", "(0,1]". `None` values (optional fields left unset)
-pass; NaN and infinities never do. A config whose values can change after it is built may call
+pass; NaN and infinities never do. A field that takes one of a few words is checked the same way:
+
+        check_ranges(self, {"workers": ">=1"}, choices={"last_block": ("drop", "pad")})
+ A config whose values can change after it is built may call
 `check_ranges` again in its `validate()`.
 A workflow file builds every stage's config once when it is read (workflows/spec.py), so a bad value
 there fails at load time with the table name, not hours later when the stage is reached.
@@ -49,9 +52,21 @@ def range_problems(cfg: Any, rules: Mapping[str, str]) -> list[str]:
     return problems
 
 
-def check_ranges(cfg: Any, rules: Mapping[str, str]) -> None:
-    """Raise GraftError naming every key of `cfg` whose value breaks its rule (see the module docstring)."""
-    problems = range_problems(cfg, rules)
+def choice_problems(cfg: Any, choices: Mapping[str, tuple[str, ...]]) -> list[str]:
+    problems = []
+    for key, allowed in choices.items():
+        value = getattr(cfg, key)
+        if value is not None and value not in allowed:
+            words = ", ".join(allowed)
+            problems.append(f"`{key}` (--{key.replace('_', '-')}) = {value!r} is not one of {words}. Fix: set {key} "
+                            f"to one of {words}")
+    return problems
+
+
+def check_ranges(cfg: Any, rules: Mapping[str, str], choices: Mapping[str, tuple[str, ...]] | None = None) -> None:
+    """Raise GraftError naming every key of `cfg` whose value breaks its rule or is not among its `choices`
+    (see the module docstring)."""
+    problems = range_problems(cfg, rules) + choice_problems(cfg, choices or {})
     if len(problems) == 1:
         raise GraftError(problems[0])
     if problems:

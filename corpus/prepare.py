@@ -76,7 +76,11 @@ class PrepareConfig:
         from common.validate import check_ranges
 
         check_ranges(self, {"block_size": ">=1", "workers": ">=1", "threads": ">=0", "num_shards": ">=1",
-                            "shard_index": ">=0", "batch_chars": ">=1", "max_doc_bytes": ">=1", "pad_id": ">=0"})
+                            "shard_index": ">=0", "batch_chars": ">=1", "max_doc_bytes": ">=1", "pad_id": ">=0"},
+                     choices={"last_block": LAST_BLOCK, "format": FORMATS})
+        check_on_corrupt(self.on_corrupt)
+        if not self.shard_index < self.num_shards:
+            raise GraftError(f"--shard-index {self.shard_index} must be in [0, --num-shards {self.num_shards})")
         if self.split is not None:
             parse_split(self.split)
 
@@ -94,17 +98,8 @@ class _Resolved:
 def _resolve(cfg: PrepareConfig) -> _Resolved:
     if not cfg.tokenizer:
         raise GraftError("no tokenizer given. Fix: pass --tokenizer DIR (a HF tokenizer folder, tokenizer.json or .model)")
-    if cfg.block_size < 1:
-        raise GraftError(f"--block-size {cfg.block_size} must be >= 1")
-    if cfg.last_block not in LAST_BLOCK:
-        raise GraftError(f"--last-block {cfg.last_block!r} is unknown. Fix: use drop or pad")
-    if cfg.format is not None and cfg.format not in FORMATS:
-        raise GraftError(f"unknown format {cfg.format!r}. Fix: use one of {', '.join(FORMATS)}")
-    if cfg.num_shards < 1 or not 0 <= cfg.shard_index < cfg.num_shards:
-        raise GraftError(f"--shard-index {cfg.shard_index} must be in [0, --num-shards {cfg.num_shards})")
-    if cfg.workers < 1:
-        raise GraftError("--workers must be >= 1")
-    check_on_corrupt(cfg.on_corrupt)
+    # block_size, last_block, format, shards, workers and on_corrupt are checked when the config is built
+    # (PrepareConfig.__post_init__), so a workflow file with a bad value fails when it is read.
     if cfg.files:
         files, fmt, field_name, split, out = expand_inputs(cfg.files), cfg.format, cfg.text_field, cfg.split, cfg.out
         from_registry = False

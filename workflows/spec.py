@@ -200,14 +200,49 @@ def load_workflow(path: str | Path, runs: str | Path | None = None) -> Workflow:
     """Parse and validate `path`; every problem found is reported at once."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        raw = tomllib.loads(text)
     except FileNotFoundError:
         raise input_error(path, "workflow file not found", "check the path (bundled examples are in workflows/)") from None
     except tomllib.TOMLDecodeError as e:
         raise input_error(path, f"invalid TOML: {e}", "fix the syntax at that line") from None
     except UnicodeDecodeError:
         raise input_error(path, "not UTF-8 text", "save the workflow as UTF-8") from None
-    return build_workflow(raw, path, runs)
+    try:
+        return build_workflow(raw, path, runs)
+    except GraftError as e:
+        raise GraftError(_with_lines(str(e), text)) from None
+
+
+_PROBLEM = re.compile(r"^  \[(?P<table>[^\]]+)\] ")
+_KEY = re.compile(r"`(\w+)`|key '(\w+)'")
+
+
+def _with_lines(message: str, text: str) -> str:
+    """`message` with "line N: " before each problem whose [table] and key are found in the file's `text`."""
+    lines = text.splitlines()
+    table = None
+    out = []
+    for row in message.split("\n"):
+        if m := _PROBLEM.match(row):
+            table = m.group("table")
+        key = _KEY.search(row) if table and row.startswith("  ") else None
+        n = _line_of(lines, table, key.group(1) or key.group(2)) if key else None
+        indent = len(row) - len(row.lstrip(" "))
+        out.append(f"{row[:indent]}line {n}: {row[indent:]}" if n else row)
+    return "\n".join(out)
+
+
+def _line_of(lines: list[str], table: str, key: str) -> int | None:
+    """1-based line of `key = ...` inside the TOML table `[table]` (None when not written there)."""
+    current = None
+    for i, line in enumerate(lines, 1):
+        stripped = line.strip()
+        if stripped.startswith("[") and not stripped.startswith("[["):
+            current = stripped.strip("[]").split("]")[0].strip()
+        elif current == table and re.match(rf"{re.escape(key)}\s*=", stripped):
+            return i
+    return None
 
 
 def build_workflow(raw: dict[str, Any], path: Path, runs: str | Path | None = None) -> Workflow:

@@ -27,14 +27,18 @@ def test_workflow_file_value_out_of_range_fails_when_read(tmp_path):
                   '[base_model]\nkind = "demo.base"\ninputs = ["a.jsonl"]\ntokenizer = "t.model"\n'
                   'learning_rate = -0.001\n\n'
                   '[prep]\nkind = "corpus.prepare"\nname = "x"\ntokenizer = "@base_model"\nfiles = ["a.jsonl"]\n'
-                  'batch_chars = 0\n')
+                  'workers = 0\nbatch_chars = 0\nlast_block = "padd"\n')
     with pytest.raises(GraftError) as e:
         load_workflow(wf)
     assert str(e.value) == (
         f"{wf}: invalid workflow:\n"
-        "  [base_model] `learning_rate` (--learning-rate) = -0.001 must be > 0. Fix: set learning_rate to a positive "
-        "value\n"
-        "  [prep] `batch_chars` (--batch-chars) = 0 must be >= 1. Fix: set batch_chars to 1 or more")
+        "  line 8: [base_model] `learning_rate` (--learning-rate) = -0.001 must be > 0. Fix: set learning_rate to a "
+        "positive value\n"
+        "  [prep] out-of-range settings:\n"
+        "    line 15: `workers` (--workers) = 0 must be >= 1. Fix: set workers to 1 or more\n"
+        "    line 16: `batch_chars` (--batch-chars) = 0 must be >= 1. Fix: set batch_chars to 1 or more\n"
+        "    line 17: `last_block` (--last-block) = 'padd' is not one of drop, pad. Fix: set last_block to one of "
+        "drop, pad")
 
 
 _BAD_TRAIN = '''learning_rate = -1e-5
@@ -122,10 +126,12 @@ def test_workflow_file_every_stage_kind_checked_when_read(tmp_path):
         "  [cands] size 2000 is smaller than required: --chars 3000 needs 3000 character pieces plus 259 reserved "
         "pieces (<unk>, <s>, </s> and 256 byte pieces), i.e. SentencePiece's 'Vocabulary size is smaller than "
         "required_chars'. Fix: use --sizes of at least 3260 for --chars 3000, or lower --chars\n"
-        "  [pick] `size` (--size) = -1 must be >= 0. Fix: set size to 0 or a positive value\n"
-        "  [grown] `pad_to_multiple_of` (--pad-to-multiple-of) = -64 must be >= 0. Fix: set pad_to_multiple_of to 0 "
-        "or a positive value\n"
+        "  line 13: [pick] `size` (--size) = -1 must be >= 0. Fix: set size to 0 or a positive value\n"
+        "  line 20: [grown] `pad_to_multiple_of` (--pad-to-multiple-of) = -64 must be >= 0. Fix: set "
+        "pad_to_multiple_of to 0 or a positive value\n"
         "  [train] out-of-range settings:\n"
-        "    `learning_rate` (--learning-rate) = 0.0 must be > 0. Fix: set learning_rate to a positive value\n"
-        "    `warmup_ratio` (--warmup-ratio) = 2.0 must be in [0, 1]. Fix: set warmup_ratio to a value from 0 to 1\n"
-        "  [merged] `dtype` (--dtype) = 'int8' is not a dtype graft merge writes. Fix: use auto, bf16, fp16 or fp32")
+        "    line 26: `learning_rate` (--learning-rate) = 0.0 must be > 0. Fix: set learning_rate to a positive value\n"
+        "    line 27: `warmup_ratio` (--warmup-ratio) = 2.0 must be in [0, 1]. Fix: set warmup_ratio to a value from 0 "
+        "to 1\n"
+        "  line 33: [merged] `dtype` (--dtype) = 'int8' is not a dtype graft merge writes. Fix: use auto, bf16, fp16 or "
+        "fp32")
