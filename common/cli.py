@@ -9,7 +9,9 @@ The dataclass docstring becomes the command's description, and each field's
 Supported field types: str, int, float, bool (`--x/--no-x`), Path, Optional[...] of those,
 and list[...] of those (`--x a b` or `--x a --x b`; commas split too unless `metadata["split"]`
 is False). A positional list field may also be given with a flag, `metadata["flag"]` (e.g. `vocab train`'s
-inputs as `--corpus`, the name the other commands use for their text): both forms add up. Keep config modules free of heavy imports so `graft --help` stays fast.
+inputs as `--corpus`, the name the other commands use for their text): both forms add up.
+Text becomes a field's type through common/config.py, which also checks a workflow file's and a `--config`
+TOML file's values. Keep config modules free of heavy imports so `graft --help` stays fast.
 """
 from __future__ import annotations
 
@@ -53,11 +55,21 @@ def _unwrap(tp: Any) -> tuple[Any, bool, bool]:
     return tp, False, optional
 
 
-def _split(values: list[str], scalar: Any, split: bool) -> list[Any]:
+def _from_text(name: str, value: str, scalar: Any) -> Any:
+    from common.config import Mismatch, coerce
+
+    try:
+        return coerce(value, scalar, from_text=True)
+    except Mismatch:
+        raise argparse.ArgumentTypeError(
+            f"--{name.replace('_', '-')}: {value!r} is not a valid {scalar.__name__}") from None
+
+
+def _split(name: str, values: list[str], scalar: Any, split: bool) -> list[Any]:
     out = []
     for v in values:
         parts = [s.strip() for s in v.split(",")] if split and scalar is not Path else [v]
-        out.extend(scalar(s) for s in parts if s != "")
+        out.extend(_from_text(name, s, scalar) for s in parts if s != "")
     return out
 
 
@@ -125,14 +137,10 @@ def config_from_args(cls: type, ns: argparse.Namespace) -> Any:
         if scalar is bool and not is_list:
             kwargs[f.name] = bool(value)
         elif is_list:
-            kwargs[f.name] = _split(value if isinstance(value, list) else [value], scalar,
+            kwargs[f.name] = _split(f.name, value if isinstance(value, list) else [value], scalar,
                                     f.metadata.get("split", True))
         else:
-            try:
-                kwargs[f.name] = scalar(value)
-            except ValueError:
-                raise argparse.ArgumentTypeError(
-                    f"--{f.name.replace('_', '-')}: {value!r} is not a valid {scalar.__name__}") from None
+            kwargs[f.name] = _from_text(f.name, value, scalar)
     return cls(**kwargs)
 
 

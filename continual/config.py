@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,23 +163,21 @@ class MergeConfig:
 
 
 def _check_type(path: Path, key: str, value: Any, tp: Any) -> Any:
-    origin = typing.get_origin(tp)
+    from common.config import Mismatch, coerce, type_name
+
+    is_list = typing.get_origin(_unoptional(tp)) is list
+    if isinstance(value, str) and is_list:  # target_modules = "q_proj,v_proj"
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    try:
+        return coerce(value, tp)
+    except Mismatch:
+        fix = f'write {key} = ["a", "b"]' if is_list and not isinstance(value, list) else f"fix the value of {key}"
+        raise input_error(path, f"`{key}` must be {type_name(tp)} (got {value!r})", fix) from None
+
+
+def _unoptional(tp: Any) -> Any:
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if origin is typing.Union:
-        if value is None:
-            return None
-        return _check_type(path, key, value, args[0])
-    if origin is list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise input_error(path, f"`{key}` must be a list", f'write {key} = ["a", "b"]')
-        return [_check_type(path, key, v, args[0]) for v in value]
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
-        raise input_error(path, f"`{key}` must be a {tp.__name__} (got {value!r})", f"fix the value of {key}")
-    return value
+    return args[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1 else tp
 
 
 def config_from_dict(cls: type, values: dict[str, Any], path: str | Path = "<config>") -> Any:

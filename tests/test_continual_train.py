@@ -148,8 +148,12 @@ def test_toml_config_and_unknown_key(tmp_path):
     p.write_text('model = "m"\nlora_rank = 16\n')
     with pytest.raises(GraftError, match=r"train\.toml: unknown key `lora_rank`.*did you mean `lora_r`"):
         load_train_config(p)
-    with pytest.raises(GraftError, match="`lora_r` must be a int"):
+    with pytest.raises(GraftError, match=r"train\.toml: `lora_r` must be int \(got .big.\)"):
         config_from_dict(TrainConfig, {"lora_r": "big"}, p)
+    # the same checks as a workflow file's (common/config.py): a comma string is a list, a bool is not an int
+    assert config_from_dict(TrainConfig, {"target_modules": "q_proj, v_proj"}, p).target_modules == ["q_proj", "v_proj"]
+    with pytest.raises(GraftError, match=r"`lora_r` must be int \(got True\)"):
+        config_from_dict(TrainConfig, {"lora_r": True}, p)
 
 
 def test_cli_flags_override_toml(tmp_path):

@@ -14,9 +14,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from common.config import config_fields
 from common.io import MANIFEST, file_sha256, is_complete, to_jsonable
 from workflows.refs import iter_strings, parse_ref
-from workflows.spec import Stage, Workflow, config_fields
+from workflows.spec import Stage, Workflow
 
 CONTENT_HASH_LIMIT = 64 << 20  # bigger files are fingerprinted by size + mtime
 

@@ -19,7 +19,9 @@ Format (see docs/workflows.md):
 Every other key is a field of the stage's config dataclass: unknown keys, wrong types and
 missing required keys are errors that name the file, the stage table and the key.
 Relative paths are relative to the current directory. `@@text` is the literal string `@text`.
-References are parsed and resolved in workflows/refs.py.
+References are parsed and resolved in workflows/refs.py; values are checked against their fields' types by
+common/config.py (as the command line's and a `--config` TOML file's are), and each stage's config is built
+once here, so its own range and choice checks (common/validate.py) fail when the file is read.
 """
 from __future__ import annotations
 
@@ -33,6 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.config import PASS, accepts_str, config_fields, type_name
+from common.config import Mismatch as _Mismatch
+from common.config import coerce as coerce_value
+from common.config import describe as _describe
 from common.errors import GraftError, input_error
 from workflows.refs import _Placeholders, _unescape, parse_ref, refs_in, resolve_value
 from workflows.registry import KINDS, StageKind, resolve_kind
@@ -88,110 +94,25 @@ class Workflow:
 
 # ---------------------------------------------------------------- types
 
-def type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(type_name(a) for a in typing.get_args(tp) if a is not type(None))
-    if origin in (list, tuple, set, frozenset) or origin is typing.Sequence:
-        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        return f"list of {type_name(args[0])}" if args else "list"
-    if origin is dict:
-        return "table"
-    if origin is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if tp is Path:
-        return "path (str)"
-    if tp is Any:
-        return "any value"
-    return getattr(tp, "__name__", str(tp))
-
-
-class _Mismatch(Exception):
-    pass
+def _workflow_strings(allow_refs: bool):
+    """The workflow's part of `coerce`: while validating (`allow_refs`) an '@stage...' string is accepted where a
+    string or path is expected and an '@stage#key' string anywhere (checked again once resolved), and strings
+    stay as written; when the config is built, '@@' escapes are undone."""
+    def hook(value: Any, tp: Any) -> Any:
+        if allow_refs and (ref := parse_ref(value)) is not None:
+            if ref.key is not None or accepts_str(tp):
+                return value
+            raise _Mismatch
+        if isinstance(value, str) and tp in (str, Path):
+            return value if allow_refs else (Path if tp is Path else str)(_unescape(value))
+        return PASS
+    return hook
 
 
 def coerce(value: Any, tp: Any, allow_refs: bool = False) -> Any:
-    """Check `value` (from TOML) against the annotation `tp` and convert it (int->float, str->Path).
-
-    With `allow_refs`, an '@stage...' string is accepted where a string or path is expected, and
-    an '@stage#key' string anywhere (it is checked again once resolved). Raises _Mismatch.
-    """
-    if allow_refs and (ref := parse_ref(value)) is not None:
-        if ref.key is not None or _accepts_str(tp):
-            return value
-        raise _Mismatch
-    if tp is Any or tp is typing.Any:
-        return value
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            if arg is type(None):
-                continue
-            try:
-                return coerce(value, arg, allow_refs)
-            except _Mismatch:
-                pass
-        raise _Mismatch
-    if origin is typing.Literal:
-        if any(value == a and type(value) is type(a) for a in typing.get_args(tp)):
-            return value
-        raise _Mismatch
-    if origin in (list, tuple, set, frozenset) or origin is typing.Sequence or tp in (list, tuple):
-        if not isinstance(value, list):
-            raise _Mismatch
-        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        items = [coerce(v, args[0], allow_refs) if args else v for v in value]
-        return tuple(items) if (origin is tuple or tp is tuple) else items
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise _Mismatch
-        args = typing.get_args(tp)
-        return {k: coerce(v, args[1], allow_refs) if args else v for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise _Mismatch
-    # While validating (allow_refs) strings stay as written, '@@' escapes included; they are
-    # unescaped and turned into paths when the config is built.
-    if tp is str:
-        if isinstance(value, str):
-            return value if allow_refs else _unescape(value)
-        raise _Mismatch
-    if tp is Path:
-        if isinstance(value, str):
-            return value if allow_refs else Path(_unescape(value))
-        raise _Mismatch
-    if isinstance(tp, type) and isinstance(value, tp):
-        return value
-    raise _Mismatch
-
-
-def _accepts_str(tp: Any) -> bool:
-    if tp in (str, Path, Any, typing.Any):
-        return True
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return any(_accepts_str(a) for a in typing.get_args(tp))
-    return False
-
-
-def _describe(value: Any) -> str:
-    kind = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array",
-            dict: "table"}.get(type(value), type(value).__name__)
-    text = repr(value)
-    return f"{kind} {text if len(text) < 60 else text[:57] + '...'}"
-
-
-def config_fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls) if f.init}
+    """Check `value` (from TOML) against the annotation `tp` and convert it (common.config.coerce, with the
+    workflow's references and '@@' escapes). Raises common.config.Mismatch."""
+    return coerce_value(value, tp, hook=_workflow_strings(allow_refs))
 
 
 # ---------------------------------------------------------------- loading
