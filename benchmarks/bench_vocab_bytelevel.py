@@ -143,14 +143,14 @@ def main() -> None:
         t = time.perf_counter()
         sizes = str(args.speed_size) if args.speed_only else args.sizes
         cands = train_candidates(VocabTrainConfig(inputs=[str(corpora["zh_news"])], out=str(Path(tmp) / "cands"),
-                                             base=str(base_file), sizes=[sizes], progress=False))
+                                                  base=str(base_file), sizes=[sizes], progress=False))
         result["train_s"] = time.perf_counter() - t
         print(f"trained the grid ({sizes}) in {result['train_s']:.1f} s (one training)")
         en_file = sources.write_jsonl(Path(tmp) / "en.jsonl", english)
         for n in [int(x) for x in sizes.split(",")]:
             t = time.perf_counter()
             out = merge_into_base(VocabMergeConfig(base=str(base_file), add=str(cands / f"candidates/added{n}.json"),
-                                              out=str(Path(tmp) / f"tok{n}")))
+                                                   out=str(Path(tmp) / f"tok{n}")))
             merge_s = time.perf_counter() - t
             t = time.perf_counter()
             report = check_tokenizer(CheckConfig(tokenizer=str(out), base=str(base_file),

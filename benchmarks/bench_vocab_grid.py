@@ -49,7 +49,7 @@ def main() -> None:
 
         t, cpu = time.perf_counter(), time.process_time()
         out = train_candidates(VocabTrainConfig(inputs=[str(corpus)], out=str(Path(tmp) / "grid"), chars=chars,
-                                           sizes=[args.sizes], threads=args.threads, progress=False))
+                                                sizes=[args.sizes], threads=args.threads, progress=False))
         grid_s, grid_cpu = time.perf_counter() - t, time.process_time() - cpu
         n_files = len(list((out / "candidates").glob("*.model")))
         print(f"ours: vocab train, full grid ({n_files} candidate files, incl. reading+sampling): {grid_s:.1f} s wall, "

@@ -52,8 +52,8 @@ def main() -> None:
         corpora = sources.write_demo_corpora(Path(tmp) / "c")
         t = time.perf_counter()
         cands = train_candidates(VocabTrainConfig(inputs=[str(corpora["zh_news"])], out=str(Path(tmp) / "cands"),
-                                             chars=[int(c) for c in args.chars.split(",")], sizes=[args.sizes],
-                                             progress=False))
+                                                  chars=[int(c) for c in args.chars.split(",")], sizes=[args.sizes],
+                                                  progress=False))
         print(f"trained grid in {time.perf_counter() - t:.1f} s")
         b_dev, b_rev, b_en = (sum(map(len, base.encode(x))) for x in (dev, reviews, english))
         c_dev, c_rev = sum(map(len, dev)), sum(map(len, reviews))
@@ -66,7 +66,7 @@ def main() -> None:
         print("|---" * (header.count("|") - 1) + "|")
         for cand in json.loads((cands / "manifest.json").read_text())["candidates"]:
             out = merge_into_base(VocabMergeConfig(base=str(base_path), add=str(cands / cand["path"]),
-                                              out=str(Path(tmp) / "tok")))
+                                                   out=str(Path(tmp) / "tok")))
             counts = json.loads((out / "manifest.json").read_text())["counts"]
             sp = load_sentencepiece(out)
             m_dev, m_rev, m_en = (sum(map(len, sp.encode(x))) for x in (dev, reviews, english))

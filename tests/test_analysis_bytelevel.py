@@ -25,9 +25,9 @@ def grid(tmp_path_factory, tekken_path, news_lines, english_paragraphs):
     dev = write_jsonl(d / "dev.jsonl", news_lines[:4000:20] + news_lines[5000:5300])
     en = write_jsonl(d / "en.jsonl", english_paragraphs[:800])
     cands = train_candidates(VocabTrainConfig(inputs=[str(zh)], out=str(d / "cands"), base=str(tekken_path),
-                                         sizes=["500:2000:500"], progress=False))
+                                              sizes=["500:2000:500"], progress=False))
     tok = merge_into_base(VocabMergeConfig(base=str(tekken_path), add=str(cands / "candidates/added2000.json"),
-                                      out=str(d / "tok")))
+                                           out=str(d / "tok")))
     return {"dir": d, "cands": cands, "dev": dev, "en": en, "tok": tok}
 
 

@@ -26,9 +26,9 @@ def grafted(tmp_path_factory, tekken_path, news_lines):
     d = tmp_path_factory.mktemp("embed_bl")
     corpus = write_jsonl(d / "zh.jsonl", news_lines[:3000])
     cands = train_candidates(VocabTrainConfig(inputs=[str(corpus)], out=str(d / "cands"), base=str(tekken_path),
-                                         sizes=["1500"], progress=False))
+                                              sizes=["1500"], progress=False))
     tok = merge_into_base(VocabMergeConfig(base=str(tekken_path), add=str(cands / "candidates/added1500.json"),
-                                      out=str(d / "tok"), special=["<|im_start|>"]))
+                                           out=str(d / "tok"), special=["<|im_start|>"]))
     model = save_tiny_mistral(d / "m")
     return d, tok, model
 

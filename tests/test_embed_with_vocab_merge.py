@@ -19,10 +19,10 @@ def test_grow_with_vocab_merge_output(tmp_path, base_model_path, news_lines):
 
     corpus = write_jsonl(tmp_path / "zh.jsonl", news_lines[:3000])
     cands = train_candidates(VocabTrainConfig(inputs=[str(corpus)], out=str(tmp_path / "cands"), chars=[1200],
-                                         sizes=["2500"], progress=False))
+                                              sizes=["2500"], progress=False))
     cand = cands / read_manifest(cands)["candidates"][0]["path"]
     tok = merge_into_base(VocabMergeConfig(base=str(base_model_path), add=str(cand), out=str(tmp_path / "tok"),
-                                      special=["<|im_start|>"]))
+                                           special=["<|im_start|>"]))
     new = load_pieces(tok)
     special_id = new.pieces.index("<|im_start|>")
     assert special_id >= 32000

@@ -26,9 +26,9 @@ def test_prepare_train_merge_with_a_tekken_graft(tmp_path, tekken_path, news_lin
 
     zh = sources.write_jsonl(tmp_path / "zh.jsonl", news_lines[:2000])
     cands = train_candidates(VocabTrainConfig(inputs=[str(zh)], out=str(tmp_path / "cands"), base=str(tekken_path),
-                                         sizes=["1000"], progress=False))
+                                              sizes=["1000"], progress=False))
     tok = merge_into_base(VocabMergeConfig(base=str(tekken_path), add=str(cands / "candidates/added1000.json"),
-                                      out=str(tmp_path / "tok")))
+                                           out=str(tmp_path / "tok")))
     base = save_tiny_mistral(tmp_path / "base")
     grown = grow_embeddings(EmbedInitConfig(model=str(base), old_tokenizer=str(tekken_path), new_tokenizer=str(tok),
                                             out=str(tmp_path / "grown"), pad_to_multiple_of=64, progress=False))

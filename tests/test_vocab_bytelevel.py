@@ -19,7 +19,7 @@ from vocab.train import VocabTrainConfig, train_candidates
 
 def _train(tmp_path: Path, base, inputs, sizes, name="c", **kw) -> Path:
     return train_candidates(VocabTrainConfig(inputs=[str(i) for i in inputs], out=str(tmp_path / name), base=str(base),
-                                        sizes=[sizes], progress=False, **kw))
+                                             sizes=[sizes], progress=False, **kw))
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def tekken_graft(tmp_path_factory, tekken_path, corpora):
     d = tmp_path_factory.mktemp("tekken_graft")
     cands = _train(d, tekken_path, [corpora["zh"]], "1000:3000:1000")
     tok = merge_into_base(VocabMergeConfig(base=str(tekken_path), add=str(cands / "candidates/added3000.json"),
-                                      out=str(d / "tok"), special=["<|im_start|>", "<|im_end|>", "<s>"]))
+                                           out=str(d / "tok"), special=["<|im_start|>", "<|im_end|>", "<s>"]))
     return cands, tok
 
 
@@ -124,7 +124,7 @@ def test_graft_on_tiny_qwen_gpt2_and_llama3_shaped_bases(tmp_path, tiny_bases, c
     base = tiny_bases[style]
     cands = _train(tmp_path, base, [corpora["zh"]], "1500")
     tok = merge_into_base(VocabMergeConfig(base=str(base), add=str(cands / "candidates/added1500.json"),
-                                      out=str(tmp_path / "tok"), special=["<|im_start|>", "<tool>"]))
+                                           out=str(tmp_path / "tok"), special=["<|im_start|>", "<tool>"]))
     m = json.loads((tok / "manifest.json").read_text())
     assert m["counts"]["partial_character_tokens"] > 100
     r = check_tokenizer(CheckConfig(tokenizer=str(tok), base=str(base),
@@ -162,7 +162,7 @@ def test_check_catches_broken_grafts(tmp_path, tiny_bases, corpora, english_para
     base = tiny_bases["qwen"]
     cands = _train(tmp_path, base, [corpora["zh"]], "300")
     good = merge_into_base(VocabMergeConfig(base=str(base), add=str(cands / "candidates/added300.json"),
-                                       out=str(tmp_path / "good")))
+                                            out=str(tmp_path / "good")))
     n_base_merges = len(load_bytelevel(base).merges)
     corpus = [str(corpora["zh_dev"]), str(corpora["en"])]
 
@@ -220,7 +220,7 @@ def test_byte_level_errors(tmp_path, tekken_path, tiny_bases, corpora, base_mode
     cands, _ = tekken_graft
     with pytest.raises(GraftError) as e:
         merge_into_base(VocabMergeConfig(base=str(tiny_bases["qwen"]), add=str(cands / "candidates/added1000.json"),
-                                    out=str(tmp_path / "o2")))
+                                         out=str(tmp_path / "o2")))
     assert "was trained on another base" in str(e.value) and "Fix: train candidates on this base" in str(e.value)
     # more tokens than the text supports
     small = write_jsonl(tmp_path / "small.jsonl", ["中国人民中国人民", "人民日报人民日报"])
@@ -248,7 +248,7 @@ def test_special_token_outside_the_byte_alphabet(tmp_path, tiny_bases, corpora):
     (base / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
     cands = _train(tmp_path, base, [corpora["zh"]], "300")
     tok = merge_into_base(VocabMergeConfig(base=str(base), add=str(cands / "candidates/added300.json"),
-                                      out=str(tmp_path / "tok")))
+                                           out=str(tmp_path / "tok")))
     r = check_tokenizer(CheckConfig(tokenizer=str(tok), base=str(base),
                                     corpus=[str(corpora["zh_dev"]), str(corpora["en"])]))
     assert r["ok"], ({k: v for k, v in r["invariants"].items() if v}, r["problems"], r["examples"])

@@ -221,7 +221,7 @@ def test_tokenizer_file_helpers(tmp_path, base_model_path):
 def test_unknown_script(tmp_path, base_model_path):
     with pytest.raises(GraftError) as e:
         merge_into_base(VocabMergeConfig(base=str(base_model_path), add=str(base_model_path), out=str(tmp_path / "m"),
-                                    script="Klingon"))
+                                         script="Klingon"))
     assert str(e.value) == ("unknown script 'Klingon'. Fix: use one of Han, Hangul, Cyrillic, any ('any' adds "
                             "every piece whatever its script)")
 

@@ -228,7 +228,7 @@ def test_merge_is_deterministic_and_matches_transformers_conversion(merged, base
     from transformers import LlamaTokenizerFast
 
     again = merge_into_base(VocabMergeConfig(base=str(base_model_path), add=str(candidate), out=str(tmp_path / "again"),
-                                        special=SPECIAL))
+                                             special=SPECIAL))
     for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                  "added_pieces.tsv"):
         assert (again / name).read_bytes() == (merged / name).read_bytes(), name

@@ -12,9 +12,9 @@ from vocab.train import VocabTrainConfig, train_candidates
 def test_quality_bar_on_held_out_news(tmp_path, demo_corpora, base_model_path, news_lines, english_paragraphs):
     # demo_corpora holds out every 20th paragraph (zh_news_dev) from the training file (zh_news).
     cands = train_candidates(VocabTrainConfig(inputs=[str(demo_corpora["zh_news"])], out=str(tmp_path / "c"),
-                                         chars=[4451], sizes=["26750"], progress=False))
+                                              chars=[4451], sizes=["26750"], progress=False))
     out = merge_into_base(VocabMergeConfig(base=str(base_model_path), add=str(cands / "candidates/chars4451_size26750.model"),
-                                      out=str(tmp_path / "tok")))
+                                           out=str(tmp_path / "tok")))
     counts = json.loads((out / "manifest.json").read_text())["counts"]
     assert 24_500 <= counts["added_total"] <= 25_500
     dev = [t for i, t in enumerate(news_lines) if not i % 20]

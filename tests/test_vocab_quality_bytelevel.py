@@ -12,9 +12,9 @@ from vocab.train import VocabTrainConfig, train_candidates
 def test_quality_bar_on_tekken(tmp_path, demo_corpora, tekken_path, news_lines, review_lines, english_paragraphs):
     # demo_corpora holds out every 20th paragraph (zh_news_dev) from the training file (zh_news).
     cands = train_candidates(VocabTrainConfig(inputs=[str(demo_corpora["zh_news"])], out=str(tmp_path / "c"),
-                                         base=str(tekken_path), sizes=["25000"], progress=False))
+                                              base=str(tekken_path), sizes=["25000"], progress=False))
     out = merge_into_base(VocabMergeConfig(base=str(tekken_path), add=str(cands / "candidates/added25000.json"),
-                                      out=str(tmp_path / "tok")))
+                                           out=str(tmp_path / "tok")))
     counts = json.loads((out / "manifest.json").read_text())["counts"]
     assert counts["added_total"] == 25000 and counts["vocab_size"] == 131072 + 25000
     base, merged = load_bytelevel(tekken_path).tokenizer(), load_bytelevel(out).tokenizer()

@@ -25,7 +25,7 @@ def zh_file(tmp_path_factory, news_lines):
 def trained(tmp_path_factory, zh_file):
     out = tmp_path_factory.mktemp("train") / "cands"
     cfg = VocabTrainConfig(inputs=[str(zh_file)], out=str(out), chars=CHARS, sizes=[SIZES], max_sentences=1200,
-                      seed=7, progress=False)
+                           seed=7, progress=False)
     return cfg, train_candidates(cfg)
 
 
@@ -154,7 +154,7 @@ def test_interrupted_run_resumes_from_trained_models(tmp_path, zh_file, monkeypa
 
     monkeypatch.setattr(vt, "train_bpe", flaky)
     cfg = VocabTrainConfig(inputs=[str(zh_file)], out=str(tmp_path / "c"), chars=[1500, 1800], sizes=["2400,2800"],
-                      max_sentences=1000, progress=False)
+                           max_sentences=1000, progress=False)
     with pytest.raises(KeyboardInterrupt):
         train_candidates(cfg)
     assert not (tmp_path / "c").exists()  # nothing that looks complete
@@ -205,7 +205,7 @@ def test_txt_parquet_and_gz_inputs_give_the_same_candidates(tmp_path, news_lines
     outs = []
     for name in ("a.txt", "b.parquet", "c.jsonl.gz"):
         out = train_candidates(VocabTrainConfig(inputs=[str(tmp_path / name)], out=str(tmp_path / f"o_{name}"),
-                                           chars=[800], sizes=["1500"], progress=False))
+                                                chars=[800], sizes=["1500"], progress=False))
         outs.append((out / "candidates/chars800_size1500.model").read_bytes())
     assert outs[0] == outs[1] == outs[2]
 

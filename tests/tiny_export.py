@@ -33,11 +33,11 @@ def grafted_mixtral(root: str | Path) -> dict[str, Path]:
     root.mkdir(parents=True, exist_ok=True)
     corpus = sources.write_jsonl(root / "zh.jsonl", sources.people_daily_lines()[:TRAIN_LINES])
     cands = train_candidates(VocabTrainConfig(inputs=[str(corpus)], out=str(root / "cands"), chars=[1200],
-                                         sizes=["2500"], progress=False))
+                                              sizes=["2500"], progress=False))
     cand = cands / read_manifest(cands)["candidates"][0]["path"]
     base_tok = sources.base_tokenizer_model()
     merge_into_base(VocabMergeConfig(base=str(base_tok), add=str(cand), out=str(paths["tok"]),
-                                special=["<|im_start|>", "<|im_end|>"]))
+                                     special=["<|im_start|>", "<|im_end|>"]))
     save_tiny_mixtral(paths["base"])
     grow_embeddings(EmbedInitConfig(model=str(paths["base"]), old_tokenizer=str(base_tok),
                                     new_tokenizer=str(paths["tok"]), out=str(paths["grown"]),
