@@ -61,7 +61,7 @@ def check_bytelevel(cfg: Any) -> dict[str, Any]:
 
     from common.scripts import ScriptFilter
     from vocab.bytelevel import TargetSafety, unreachable
-    from vocab.check import PROBES, _lines, tally, tokens_per_char
+    from vocab.check import PROBES, _lines, make_report, tally
 
     folder = Path(cfg.tokenizer)
     manifest = read_json(folder / "manifest.json") if (folder / "manifest.json").is_file() else {}
@@ -165,15 +165,11 @@ def check_bytelevel(cfg: Any) -> dict[str, Any]:
         "special_tokens_not_single_id": len(special_bad),
         "autotokenizer_problems": len(problems := _autotokenizer_problems(folder, base)),
     }
-    per_char = tokens_per_char(stats)
-    return {"tokenizer": str(folder), "base": str(cfg.base), "kind": "bytelevel", "script": script.name,
-            "vocab_size": merged.size(), "base_vocab_size": base_size, "added_pieces": len(new_tokens),
-            "partial_character_tokens": sum(1 for _, t in new_tokens if _partial(t)),
-            "lines_checked": len(lines), "probe_lines": len(PROBES), "rejected_records": rejects,
-            "invariants": invariants, "ok": not any(invariants.values()), "tokens_per_char": per_char,
-            "problems": problems, "examples": {k: v[:5] for k, v in examples.items() if v},
-            "unreachable_examples": {k: [token_text(t) for t in v[:10]] for k, v in bad.items() if v},
-            "without_script_examples": [token_text(t) for t in no_script[:10]]}
+    return make_report(folder, cfg, script, lines, rejects, invariants, stats, problems, examples, kind="bytelevel",
+                  vocab_size=merged.size(), base_vocab_size=base_size, added_pieces=len(new_tokens),
+                  partial_character_tokens=sum(1 for _, t in new_tokens if _partial(t)),
+                  unreachable_examples={k: [token_text(t) for t in v[:10]] for k, v in bad.items() if v},
+                  without_script_examples=[token_text(t) for t in no_script[:10]])
 
 
 def _partial(token: str) -> bool:

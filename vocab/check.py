@@ -111,6 +111,15 @@ def tokens_per_char(stats: dict[str, list[int]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def make_report(folder: Path, cfg: Any, script, lines: list[str], rejects: dict, invariants: dict[str, int],
+                stats: dict[str, list[int]], problems: list[str], examples: dict[str, list[str]], **extra: Any) -> dict:
+    """The report of `graft vocab check`: the fields both kinds of tokenizer share, and `extra`."""
+    return {"tokenizer": str(folder), "base": str(cfg.base), "script": script.name, **extra,
+            "lines_checked": len(lines), "probe_lines": len(PROBES), "rejected_records": rejects,
+            "invariants": invariants, "ok": not any(invariants.values()), "tokens_per_char": tokens_per_char(stats),
+            "problems": problems, "examples": {k: v[:5] for k, v in examples.items() if v}}
+
+
 def _autotokenizer_problems(folder: Path, base) -> list[str]:
     tok, problems = load_offline(folder)
     if tok is None:
@@ -196,15 +205,10 @@ def check_tokenizer(cfg: CheckConfig) -> dict[str, Any]:
         "special_tokens_not_single_id": len(special_bad),
         "autotokenizer_problems": len(problems := _autotokenizer_problems(folder, base)),
     }
-    per_char = tokens_per_char(stats)
-    return {"tokenizer": str(folder), "base": str(cfg.base), "script": script.name,
-            "vocab_size": len(merged.pieces), "base_vocab_size": n_base, "added_pieces": len(added),
-            "lines_checked": len(lines), "probe_lines": len(PROBES), "lines_with_control_text": skipped_control,
-            "lines_with_metaspace_char": metaspace_lines,
-            "rejected_records": rejects, "invariants": invariants, "ok": not any(invariants.values()),
-            "tokens_per_char": per_char, "problems": problems,
-            "examples": {k: v[:5] for k, v in examples.items() if v},
-            "unreachable_examples": {k: v[:10] for k, v in unreachable.items() if v}}
+    return make_report(folder, cfg, script, lines, rejects, invariants, stats, problems, examples,
+                  vocab_size=len(merged.pieces), base_vocab_size=n_base, added_pieces=len(added),
+                  lines_with_control_text=skipped_control, lines_with_metaspace_char=metaspace_lines,
+                  unreachable_examples={k: v[:10] for k, v in unreachable.items() if v})
 
 
 def format_report(r: dict[str, Any]) -> str:
