@@ -5,12 +5,13 @@ from dataclasses import dataclass, field
 
 # Methods for new rows. Every one works from the old rows only (shard by shard, no forward pass).
 INPUT_METHODS = ("mean", "hf-mean", "random", "first-last", "weighted-mean", "interpolation")
-OUTPUT_ONLY_METHODS = ("prefix-share",)
+OUTPUT_ONLY_METHODS = ("prefix-share", "calibrated")
 OUTPUT_METHODS = INPUT_METHODS + OUTPUT_ONLY_METHODS
 METHODS = INPUT_METHODS  # kept for callers of the earlier name
-# The lm_head method used when --output-method is left empty on an untied model (chosen by
-# benchmarks/bench_embed_quality.py; see docs/embed_init.md); None = --method. A tied model has one matrix: --method.
-DEFAULT_OUTPUT_METHOD: str | None = None
+# The lm_head method used when --output-method is left empty on an untied model and --calibration text is given
+# (chosen by benchmarks/bench_embed_quality.py; see docs/embed_init.md); without calibration text lm_head follows
+# --method. A tied model has one matrix: --method.
+DEFAULT_OUTPUT_METHOD = "calibrated"
 
 
 @dataclass
@@ -23,8 +24,8 @@ class EmbedInitConfig:
     copies the new tokenizer, so the output loads with AutoModelForCausalLM / AutoTokenizer.from_pretrained.
     A single-file model.safetensors is rewritten as one file.
 
-    --method sets the new embed_tokens rows, --output-method the new lm_head rows (default: as --method;
-    a tied model has one matrix, set by --method). "Pieces" are the old ids the OLD
+    --method sets the new embed_tokens rows, --output-method the new lm_head rows (default: calibrated when
+    --calibration text is given, else as --method; a tied model has one matrix, set by --method). "Pieces" are the old ids the OLD
     tokenizer splits a new token's surface text into (no BOS/EOS, no dummy-prefix space); every row is
     computed in fp32 from the same matrix's old rows. Special tokens (no pieces) get the mean of all old rows.
       mean           mean of the pieces' rows.
@@ -39,9 +40,16 @@ class EmbedInitConfig:
                      vocabulary: wherever that piece has probability >= 1/sqrt(V) among the old ids, each of
                      the k new tokens scores at most 1/(k + 1) of the piece's probability, so together they
                      never take more than the piece had.
+      calibrated     (lm_head only) the pieces' mean rows, each group of new tokens with the same first piece f
+                     moved down by b along a direction r with h . r ~= 1 for the base model's final hidden
+                     states h, b = max(0, ln(M / (s * P))): on --calibration text (old tokenizer, one
+                     forward pass of the base model over --calibration-tokens tokens) the group then takes
+                     about s (--calibration-share) times f's probability, M being what it took before and P
+                     what f had (embed_init/calibrate.py).
     Padding rows (--pad-to-multiple-of) are the mean of the old rows in embed_tokens and 8x that mean in
-    lm_head (a tied matrix too): their logit is 8x the mean old logit (which is negative in a trained
-    model), so they take no probability (< 1e-6 on real text, measured).
+    lm_head (a tied matrix too): their logit is 8x the mean old logit. That keeps them far below the probable
+    ids where the mean old logit is negative, as measured on trained models (< 1e-6 of the probability on real
+    text); it is not guaranteed for every model (docs/embed_init.md).
 
     Example:
       graft embed init --model base/ --old-tokenizer base/ --new-tokenizer merged_tok/ --out grown/
@@ -57,10 +65,21 @@ class EmbedInitConfig:
         "help": "how new embed_tokens rows are initialised (and lm_head's when tied): " + " | ".join(INPUT_METHODS)})
     output_method: str = field(default="", metadata={
         "help": "how new lm_head rows are initialised: " + " | ".join(OUTPUT_METHODS) + "; empty = "
-                f"{DEFAULT_OUTPUT_METHOD or '--method'} on an untied model, --method on a tied one (one matrix)"})
+                f"{DEFAULT_OUTPUT_METHOD} on an untied model given --calibration text, else --method (a tied model "
+                "has one matrix: --method)"})
     interpolation: float = field(default=0.5, metadata={
         "help": "weight a of the pieces' mean for method interpolation: (1 - a) * mean of all old rows + a * "
                 "mean of the pieces' rows (unsloth's default 0.5)"})
+    calibration: list[str] = field(default_factory=list, metadata={
+        "help": "text files (.jsonl with a text field, .txt, .parquet) the base model reads once for "
+                "--output-method calibrated, each an equal share of --calibration-tokens (e.g. one file per language of "
+                "the continued-pretraining corpus)",
+        "split": False})
+    calibration_tokens: int = field(default=4096, metadata={
+        "help": "tokens of --calibration text (old tokenizer) for --output-method calibrated"})
+    calibration_share: float = field(default=0.25, metadata={
+        "help": "--output-method calibrated: share of its first piece's probability each group of new tokens "
+                "may take on the calibration text"})
     pad_to_multiple_of: int = field(default=0, metadata={
         "help": "pad the matrices to a multiple of N rows (e.g. 64 for tensor cores); padding rows are the "
                 "mean of the old rows in embed_tokens and 8x it in lm_head (no probability), and config.vocab_size "
@@ -86,7 +105,11 @@ class EmbedInitConfig:
         if self.output_method and self.output_method not in OUTPUT_METHODS:
             raise GraftError(f"--output-method {self.output_method!r} is not one of {', '.join(OUTPUT_METHODS)}. "
                              "Fix: pick one of them, or leave it empty for the default")
-        check_ranges(self, {"pad_to_multiple_of": ">=0", "interpolation": "[0,1]"})
+        if self.output_method == "calibrated" and not self.calibration:
+            raise GraftError("--output-method calibrated needs text to calibrate on. Fix: pass --calibration FILE "
+                             "(e.g. a .jsonl of the continued-pretraining corpus), or pick another --output-method")
+        check_ranges(self, {"pad_to_multiple_of": ">=0", "interpolation": "[0,1]", "calibration_tokens": ">=1",
+                            "calibration_share": ">0"})
 
 
 @dataclass

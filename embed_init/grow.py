@@ -18,7 +18,7 @@ from typing import Any
 from common.checkpoint import (CONFIG_FILE, Checkpoint, TensorPlan, copy_side_files, open_checkpoint,
                                rewrite_checkpoint, torch_dtype)
 from common.errors import input_error
-from common.rerun import guard
+from common.rerun import guard, listed
 from common.tokenizer_files import TOKENIZER_FILES
 from common.io import (MANIFEST, atomic_path, atomic_write_json, file_sha256, is_complete, read_manifest,
                        remove_stale_temps, write_manifest)
@@ -125,15 +125,19 @@ def piece_weights(ids: list[int], method: str, output: bool) -> list[float]:
 
 def fill_new_rows(new, n_old: int, n_new: int, method: str, sources: list[list[int]], *, seed: int,
                   init_range: float, output: bool = False, interpolation: float = 0.5,
-                  pad_output: bool | None = None):
+                  pad_output: bool | None = None, calibration: tuple[Any, float] | None = None,
+                  info: dict[str, Any] | None = None):
     """Fill rows n_old.. of `new` in place from its first n_old rows; returns `new`.
 
     New rows (n_old..n_new-1) by `method` (see EmbedInitConfig); `output` says the matrix is lm_head (or
     a tied matrix), which decides the piece weights of first-last / weighted-mean; `pad_output` (default:
     `output`) whether the padding rows are an output matrix's.
     Padding rows (n_new..) = mean of the old rows, or PAD_SCALE times it for an output matrix: their logit
-    is PAD_SCALE times the mean old logit, which in a trained model lies far below the logits that carry
-    the probability (measured: < 1e-6 of the mass on real text, tests/test_embed_methods.py).
+    is PAD_SCALE times the mean old logit. Where that is negative (measured on trained models, not
+    guaranteed) they lie far below the logits that carry the probability (< 1e-6 of the mass on real text,
+    tests/test_embed_methods.py; docs/embed_init.md).
+    `calibrated`: the `mean` rows shifted per first-piece group (embed_init/calibrate.py) with `calibration` =
+    (final hidden states of the base model on calibration text, share); its summary goes into `info`.
     `sources[k]` are the old ids for new id n_old + k. New rows are computed in fp32 and cast to the
     matrix dtype. Working in place lets the caller read the old matrix straight into `new[:n_old]`: peak
     memory is the grown matrix plus small fp32 chunks.
@@ -145,7 +149,7 @@ def fill_new_rows(new, n_old: int, n_new: int, method: str, sources: list[list[i
     mean_all = _mean_rows(old)
     added = n_new - n_old
     gen = torch.Generator().manual_seed(seed)
-    if method in ("mean", "interpolation", "first-last", "weighted-mean", "prefix-share"):
+    if method in ("mean", "interpolation", "first-last", "weighted-mean", "prefix-share", "calibrated"):
         shares = prefix_share_weights(sources, n_old) if method == "prefix-share" else None
         # Sum each new id's weighted old rows with index_add_ (serial on CPU, so deterministic), chunk by chunk.
         for s in range(0, added, _MEAN_CHUNK):
@@ -156,7 +160,7 @@ def fill_new_rows(new, n_old: int, n_new: int, method: str, sources: list[list[i
             seg = torch.tensor([k for k, ids in enumerate(chunk) for _ in ids], dtype=torch.long)
             sums = torch.zeros(len(chunk), hidden, dtype=torch.float32)
             counts = torch.tensor([len(ids) for ids in chunk], dtype=torch.float32)
-            if method in ("mean", "interpolation"):
+            if method in ("mean", "interpolation", "calibrated"):
                 sums.index_add_(0, seg, old[flat].to(torch.float32))
                 block = sums / counts.clamp(min=1)[:, None]
             else:
@@ -171,6 +175,14 @@ def fill_new_rows(new, n_old: int, n_new: int, method: str, sources: list[list[i
             empty = counts == 0
             block[empty] = mean_all
             new[n_old + s:n_old + s + len(chunk)] = block.to(old.dtype)
+        if method == "calibrated":
+            from embed_init.calibrate import apply_calibration
+
+            if calibration is None:
+                raise ValueError("method calibrated needs calibration=(hidden states, share)")
+            summary = apply_calibration(new, n_old, n_new, calibration[0], sources, calibration[1])
+            if info is not None:
+                info.update(summary)
     elif method == "hf-mean":
         cov = _covariance(old, mean_all) * HF_MEAN_EPSILON
         chol, info = torch.linalg.cholesky_ex(cov)
@@ -237,9 +249,13 @@ def _spm_sha256(path: str | Path) -> str:
 
 
 def output_methods(cfg: EmbedInitConfig, tied: bool, model_dir: Path) -> str:
-    """The lm_head method: --output-method, else the default (untied) or --method (tied: one matrix)."""
+    """The lm_head method: --output-method, else the default (untied, with --calibration text) or --method."""
+    if tied and cfg.calibration and cfg.output_method in ("", "calibrated"):
+        raise input_error(model_dir / CONFIG_FILE, "--calibration is given, but this model ties lm_head to "
+                          "embed_tokens (one matrix), and calibrated rows are for an untied lm_head only",
+                          "leave --calibration out (the tied matrix gets --method)")
     if not tied:
-        return cfg.output_method or DEFAULT_OUTPUT_METHOD or cfg.method
+        return cfg.output_method or (DEFAULT_OUTPUT_METHOD if cfg.calibration else cfg.method)
     if cfg.output_method and cfg.output_method != cfg.method:
         raise input_error(model_dir / CONFIG_FILE, f"--output-method {cfg.output_method} differs from --method "
                           f"{cfg.method}, but this model ties lm_head to embed_tokens (one matrix)",
@@ -259,7 +275,8 @@ def grow_embeddings(cfg: EmbedInitConfig) -> Path:
     if out.exists() and model_dir.exists() and out.resolve() == model_dir.resolve():
         raise input_error(out, "--out is the --model folder", "write to a new folder")
     skip, rerun = guard(cfg, out, stage="embed_init", inputs={"model": model_dir, "old_tokenizer": cfg.old_tokenizer,
-                                                              "new_tokenizer": cfg.new_tokenizer})
+                                                              "new_tokenizer": cfg.new_tokenizer,
+                                                              **listed("calibration", cfg.calibration)})
     if skip:
         return out
     ckpt = open_checkpoint(model_dir)
@@ -286,6 +303,12 @@ def grow_embeddings(cfg: EmbedInitConfig) -> Path:
     sources = surface_sources(old, new)
     init_range = float(ckpt.config.get("initializer_range", 0.02))
     stats: dict[str, Any] = {}
+    calibration, calibration_info = None, {}
+    if output_method == "calibrated":  # one forward pass of the base model; freed before the matrices are read
+        from embed_init.calibrate import calibration_hidden
+
+        calibration = (calibration_hidden(model_dir, cfg.old_tokenizer, cfg.calibration, cfg.calibration_tokens),
+                       cfg.calibration_share)
 
     def plan_for(name: str, seed: int, method: str, output: bool) -> TensorPlan:
         info = ckpt.info(name)
@@ -296,7 +319,8 @@ def grow_embeddings(cfg: EmbedInitConfig) -> Path:
             ckpt.read_tensor(name, out=grown[:n_old])  # old rows read in place: no second copy
             # A tied matrix is read as embed_tokens (piece weights) and scored as lm_head (padding rows).
             fill_new_rows(grown, n_old, n_new, method, sources, seed=seed, init_range=init_range, output=output,
-                          interpolation=cfg.interpolation, pad_output=output or tied)
+                          interpolation=cfg.interpolation, pad_output=output or tied,
+                          calibration=calibration if method == "calibrated" else None, info=calibration_info)
             finite = all(bool(torch.isfinite(grown[s:s + _CHUNK_ROWS]).all()) for s in range(n_old, rows, _CHUNK_ROWS))
             stats[name] = {"old_shape": list(info.shape), "new_shape": list(grown.shape), "dtype": info.dtype,
                            "seconds": round(time.time() - t0, 3), "finite": finite}
@@ -338,7 +362,8 @@ def grow_embeddings(cfg: EmbedInitConfig) -> Path:
             # 0 = special token or no usable piece: mean of all old rows.
             new_ids={"first": n_old, "pieces_per_new_id": [len(ids) for ids in sources],
                      "histogram": {str(k): v for k, v in sorted(Counter(map(len, sources)).items())}},
-            prefix_share=_prefix_share_summary(sources, n_old) if output_method == "prefix-share" else None)
+            prefix_share=_prefix_share_summary(sources, n_old) if output_method == "prefix-share" else None,
+            calibration=calibration_info or None)
     return out
 
 

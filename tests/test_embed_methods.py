@@ -104,10 +104,9 @@ def test_rows_recomputed_for_each_method(work, base_model_path, tmp_path, method
 
 
 def test_default_output_method_and_cli(work, base_model_path, tmp_path):
-    """No --output-method: the default for lm_head on an untied model; the flag reaches the config."""
-    from embed_init.config import DEFAULT_OUTPUT_METHOD
-
-    default = DEFAULT_OUTPUT_METHOD or "mean"  # None: lm_head follows --method (mean)
+    """No --output-method and no --calibration text: lm_head follows --method (mean); the flags reach the config.
+    (With --calibration text the default is calibrated: test_calibrated_rows_recomputed_from_the_base_models_logits.)"""
+    default = "mean"
     src = work["mixtral"]
     out = tmp_path / "d"
     assert graft_main(["embed", "init", "--model", str(src), "--old-tokenizer", str(base_model_path),
@@ -131,11 +130,15 @@ def test_errors_name_the_option(work, base_model_path, tmp_path):
                                          r"--output-method prefix-share"):
         EmbedInitConfig(method="prefix-share", **cfg)
     with pytest.raises(GraftError, match=r"--output-method 'median' is not one of mean, hf-mean, random, .*"
-                                         r"prefix-share. Fix"):
+                                         r"prefix-share, calibrated. Fix"):
         EmbedInitConfig(output_method="median", **cfg)
     with pytest.raises(GraftError, match=r"interpolation.*must be in \[0, 1\]"):
         EmbedInitConfig(method="interpolation", interpolation=1.5, **cfg)
     tied = save_tiny_llama_tied(tmp_path / "tied")
+    with pytest.raises(GraftError, match=r"config.json: --calibration is given, but this model ties lm_head to "
+                                         r"embed_tokens .*Fix: leave --calibration out"):
+        grow_embeddings(EmbedInitConfig(**{**cfg, "model": str(tied)},
+                                        calibration=[_write_jsonl(tmp_path / "cal.jsonl", ["你好"])]))
     with pytest.raises(GraftError, match=r"config.json: --output-method prefix-share differs from --method mean, but "
                                          r"this model ties lm_head to embed_tokens \(one matrix\)\. Fix: leave "
                                          r"--output-method empty"):
@@ -195,14 +198,19 @@ def trained(tmp_path_factory, base_model_path, news_lines, english_paragraphs, w
     return {"src": src, "loss": float(loss.detach()), "zh": held_zh, "en": held_en}
 
 
-def _probs(model_dir, texts):
-    """Softmax over the whole grown vocabulary at every position of every text (BOS + text)."""
+def _logits(model_dir, texts):
+    """Logits over the whole grown vocabulary at every position of every text (BOS + text), float64."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
     with torch.no_grad():
-        return torch.cat([model(torch.tensor([tok.encode(t)])).logits[0].double().softmax(-1) for t in texts])
+        return torch.cat([model(torch.tensor([tok.encode(t)])).logits[0].double() for t in texts])
+
+
+def _probs(model_dir, texts):
+    """Softmax over the whole grown vocabulary at every position of every text (BOS + text)."""
+    return _logits(model_dir, texts).softmax(-1)
 
 
 def test_padding_rows_take_no_probability_on_real_text(work, base_model_path, trained, tmp_path):
@@ -214,16 +222,22 @@ def test_padding_rows_take_no_probability_on_real_text(work, base_model_path, tr
     n_new = len(work["pieces"])
     rows = _rows(out, HEAD).shape[0]
     assert rows - n_new >= 100  # many padding rows
+    head = _rows(out, HEAD)
+    torch.testing.assert_close(head[n_new:].double(), (head[:N_OLD].double().mean(0) * PAD_SCALE).expand(
+        rows - n_new, -1), rtol=1e-6, atol=1e-7)
     for texts in (trained["zh"], trained["en"]):
-        p = _probs(out, texts)
+        logits = _logits(out, texts)  # the grown checkpoint, loaded and run as a user would
+        p = logits.softmax(-1)
         pad = p[:, n_new:].sum(-1)
         assert pad.max().item() < 1e-6, pad.max().item()   # at every position, all padding rows together
-    # The earlier padding (mean of the old rows, as in embed_tokens) is what 1/PAD_SCALE of the logit gives:
-    # its mass is larger, so the test above can tell them apart.
-    head = _rows(out, HEAD)
-    assert torch.equal(head[n_new:], (head[:N_OLD].double().mean(0) * PAD_SCALE).float().expand_as(head[n_new:])) \
-        or torch.allclose(head[n_new:], (head[:N_OLD].double().mean(0) * PAD_SCALE).float().expand_as(head[n_new:]),
-                          rtol=1e-6, atol=1e-7)
+        # Not a guarantee but what it rests on, measured here: the mean old logit is negative at every position
+        # (a padding row's logit is PAD_SCALE times it). And the scale matters: rows equal to the mean row (the
+        # earlier padding, logit = mean old logit) would take more than the bound somewhere.
+        mean_logit = logits[:, :N_OLD].mean(-1)
+        torch.testing.assert_close(logits[:, n_new], PAD_SCALE * mean_logit, rtol=1e-4, atol=1e-4)
+        assert mean_logit.max().item() < 0
+        unscaled = (rows - n_new) * (mean_logit - logits.logsumexp(-1)).exp()
+        assert unscaled.max().item() > 1e-6, unscaled.max().item()
 
 
 def test_prefix_share_keeps_groups_below_their_first_piece(work, base_model_path, trained, tmp_path):
@@ -248,3 +262,86 @@ def test_prefix_share_keeps_groups_below_their_first_piece(work, base_model_path
             assert (share <= p[where, f] * k / (k + 1) * (1 + 1e-9)).all()
             checked += int(where.sum())
     assert checked > 50  # the bound was exercised at many positions
+
+
+def _write_jsonl(path, texts):
+    import json
+
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    return str(path)
+
+
+def test_calibrated_rows_recomputed_from_the_base_models_logits(work, base_model_path, trained, news_lines,
+                                                                 english_paragraphs, tmp_path):
+    """`calibrated`: mean rows minus b_g r. Recomputed here from the base model's own logits (not h @ W): the
+    old ids' log-normaliser and f's probability from the logits, a mean row's logit as the mean of its pieces'
+    logits; r from the hidden states the lm_head receives (a hook), b_g = max(0, ln(M_g / (share P_f)))."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cal = [_write_jsonl(tmp_path / "zh.jsonl", news_lines[3001:3100]),
+           _write_jsonl(tmp_path / "en.jsonl", english_paragraphs[601:640])]
+    tokens, share = 600, 0.5
+    out = grow_embeddings(EmbedInitConfig(model=str(trained["src"]), old_tokenizer=str(trained["src"]),
+                                          new_tokenizer=str(work["new_model"]), out=str(tmp_path / "c"),
+                                          calibration=cal, calibration_tokens=tokens,  # the default: calibrated
+                                          calibration_share=share, progress=False))
+    # The calibration windows, rebuilt with the HF tokenizer: per file 300 tokens of BOS + document, cut at 256.
+    tok = AutoTokenizer.from_pretrained(trained["src"])
+    windows = []
+    for path, texts in zip(cal, (news_lines[3001:3100], english_paragraphs[601:640])):
+        left = tokens // 2
+        for t in texts:
+            ids = tok.encode(t)
+            assert ids[0] == 1
+            for s in range(0, len(ids) - 1, 256):
+                w = ids[s:s + 256][:left]
+                windows.append(w)
+                left -= len(w)
+                if not left:
+                    break
+            if not left:
+                break
+    model = AutoModelForCausalLM.from_pretrained(trained["src"]).eval()
+    hs, logits = [], []
+    hook = model.lm_head.register_forward_pre_hook(lambda m, a: hs.append(a[0][0].double()))
+    with torch.no_grad():
+        for w in windows:
+            logits.append(model(torch.tensor([w])).logits[0].double())
+    hook.remove()
+    h, lg = torch.cat(hs), torch.cat(logits)
+    assert h.shape[0] == tokens
+    logp = lg - lg.logsumexp(-1, keepdim=True)
+    r = torch.linalg.solve(h.T @ h + 1e-3 * (h * h).sum() / h.shape[1] * torch.eye(h.shape[1]), h.sum(0))
+    groups: dict[int, list[int]] = {}
+    for k, ids in enumerate(work["sources"]):
+        if ids:
+            groups.setdefault(ids[0], []).append(k)
+    offsets = torch.zeros(len(work["sources"]), dtype=torch.float64)
+    for f, ks in groups.items():
+        m = sum(logp[:, work["sources"][k]].mean(1).exp().sum() for k in ks)  # mean row's logit: mean of pieces'
+        p = logp[:, f].exp().sum()
+        offsets[ks] = max(0.0, math.log(m / (share * p)))
+    assert (offsets > 0).sum() > 10 and (offsets == 0).sum() > 0  # both cases occur
+    old = _rows(trained["src"], HEAD)
+    want = _expected(old, work["sources"], "mean", True) - offsets[:, None] * r[None, :]
+    new = _rows(out, HEAD)
+    assert torch.equal(new[:N_OLD].view(torch.int32), old.view(torch.int32))
+    torch.testing.assert_close(new[N_OLD:].double(), want, rtol=1e-4, atol=1e-5)
+    _assert_rows(trained["src"], out, EMBED, work["sources"], "mean", False)
+    m = read_manifest(out)
+    assert m["output_method"] == "calibrated" and m["calibration"]["positions"] == tokens
+    assert m["calibration"]["groups_shifted"] == len({f for f, ks in groups.items() if offsets[ks[0]] > 0})
+    # What it is for: held-out English (tokenized alike by both tokenizers) loses less probability to new ids.
+    mean_out = grow_embeddings(EmbedInitConfig(model=str(trained["src"]), old_tokenizer=str(trained["src"]),
+                                               new_tokenizer=str(work["new_model"]), out=str(tmp_path / "m"),
+                                               progress=False))
+    mass = {name: _probs(d, trained["en"])[:, N_OLD:].sum(-1).mean().item() for name, d in
+            (("calibrated", out), ("mean", mean_out))}
+    assert mass["calibrated"] < 0.8 * mass["mean"], mass  # measured: 0.019 vs 0.031
+
+
+def test_calibrated_needs_calibration_text(work, base_model_path, tmp_path):
+    with pytest.raises(GraftError, match=r"--output-method calibrated needs text to calibrate on\. Fix: pass "
+                                         r"--calibration FILE"):
+        EmbedInitConfig(model="m", old_tokenizer="a", new_tokenizer="b", out=str(tmp_path / "o"),
+                        output_method="calibrated")
