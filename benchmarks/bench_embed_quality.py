@@ -30,10 +30,11 @@ like the eval stage) at step 0, the probability all new ids take at English posi
 and the largest probability all padding rows take at any position; then train the first --demo-train pairs
 (all parameters, AdamW lr --continue-lr, --batch blocks of 128 tokens of zh news + pydoc with the new
 tokenizer) and score again after 25 and --continue-steps steps. Prints a markdown table (mean ± sd over seeds)
-and writes WORK/demo_results.json; --table FILE prints the table of such a file again.
-The run in docs/embed_init.md (about 70 min on 2 busy cores):
+and writes WORK/demo_results.json; --table FILE prints the table of such a file again. `calibrated` calibrates on
+--calibration-tokens tokens of the training files (zh news, pydoc), never the dev files. --pairs picks pairs.
+The 7 Dec run in docs/embed_init.md (about 35 min on 2 busy cores):
        python benchmarks/bench_embed_quality.py --demo runs/demo --work /tmp/bench_demo --seeds 3 --batch 4
-           --eval-docs 45 --continue-steps 100 --demo-train 4
+           --eval-docs 45 --continue-steps 100 --demo-train 2 --pairs mean,mean/calibrated,random
 
 Usage: python benchmarks/bench_embed_quality.py [--steps 800] [--work /tmp/embed_init/bench_quality] [--keep]
        python benchmarks/bench_embed_quality.py --reuse --keep --size 3000   # kept base model, other vocab
@@ -333,7 +334,8 @@ def save_results(results: dict, work: Path, extra: str | None) -> None:
 # ------------------------------------------------------------------ --demo: the CPU demo model, methods x seeds
 
 # (embed_tokens method, lm_head method). The first --demo-train are trained too; all are scored at step 0.
-DEMO_PAIRS = [("mean", "mean"), ("mean", "prefix-share"), ("random", "random"), ("hf-mean", "hf-mean"),
+DEMO_PAIRS = [("mean", "mean"), ("mean", "calibrated"), ("mean", "prefix-share"), ("random", "random"),
+              ("hf-mean", "hf-mean"),
               ("first-last", "first-last"), ("interpolation", "interpolation"), ("mean", "hf-mean"),
               ("weighted-mean", "weighted-mean"), ("mean", "first-last"), ("mean", "interpolation"),
               ("mean", "random"), ("random", "mean"), ("first-last", "prefix-share")]
@@ -345,50 +347,29 @@ def pair_name(pair: tuple[str, str]) -> str:
 
 def demo_eval(model, tok, texts: list[str], *, bos: int, eos: int, n_old: int, n_new: int, max_len: int = 128,
               batch_size: int = 8) -> dict:
-    """Bits per byte of `texts` as the demo's eval stage scores them (BOS text EOS, windows of max_len), plus
-    the probability all new ids (n_old..n_new-1) together take where the next token is an old id, and the
-    largest / mean probability all padding ids (>= n_new) together take at any position."""
-    import torch
-    import torch.nn.functional as F
+    """Bits per byte of `texts` as the demo's eval stage scores them (workflows.evaluate.bits_per_byte: BOS text
+    EOS, windows of max_len), plus the probability all new ids (n_old..n_new-1) together take where the next
+    token is an old id, and the largest / mean probability all padding ids (>= n_new) together take at any
+    position."""
+    from workflows.evaluate import bits_per_byte as eval_bpb
 
-    windows, n_bytes = [], 0
-    for enc, text in zip(tok.encode_batch(list(texts), add_special_tokens=False), texts):
-        ids = [bos] + enc.ids + [eos]
-        n_bytes += len(text.encode("utf-8"))
-        start = 0
-        while start < len(ids) - 1:
-            windows.append(ids[start:start + max_len])
-            start += max_len - 1
-    windows.sort(key=len)
-    nats = mass = pad_max = pad_sum = 0.0
-    n_old_targets = n_pos = 0
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for lo in range(0, len(windows), batch_size):
-            group = windows[lo:lo + batch_size]
-            width = max(len(w) for w in group)
-            x = torch.zeros((len(group), width), dtype=torch.long)
-            y = torch.full((len(group), width), -100, dtype=torch.long)
-            for i, w in enumerate(group):
-                x[i, :len(w)] = torch.tensor(w)
-                y[i, :len(w) - 1] = torch.tensor(w[1:])
-            logits = model(input_ids=x.to(model.device), use_cache=False).logits.float()
-            y = y.to(logits.device)
-            nats += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100,
-                                          reduction="sum"))
-            p = logits[y != -100].double().softmax(-1)
-            t = y[y != -100]
-            old_t = t < n_old
-            mass += float(p[old_t, n_old:n_new].sum())
-            n_old_targets += int(old_t.sum())
-            if p.shape[1] > n_new:
-                pad = p[:, n_new:].sum(-1)
-                pad_max, pad_sum = max(pad_max, float(pad.max())), pad_sum + float(pad.sum())
-            n_pos += len(t)
-    model.train(was_training)
-    return {"bpb": nats / math.log(2) / max(1, n_bytes), "new_id_mass": mass / max(1, n_old_targets),
-            "pad_mass_max": pad_max, "pad_mass_mean": pad_sum / max(1, n_pos), "positions": n_pos}
+    acc = {"mass": 0.0, "n_old_targets": 0, "pad_max": 0.0, "pad_sum": 0.0, "n_pos": 0}
+
+    def on_positions(logits, t) -> None:
+        p = logits.double().softmax(-1)
+        old_t = t < n_old
+        acc["mass"] += float(p[old_t, n_old:n_new].sum())
+        acc["n_old_targets"] += int(old_t.sum())
+        if p.shape[1] > n_new:
+            pad = p[:, n_new:].sum(-1)
+            acc["pad_max"], acc["pad_sum"] = max(acc["pad_max"], float(pad.max())), acc["pad_sum"] + float(pad.sum())
+        acc["n_pos"] += len(t)
+
+    r = eval_bpb(model, tok, texts, bos=bos, eos=eos, max_len=max_len, batch_size=batch_size,
+                 on_positions=on_positions)
+    return {"bpb": r["bpb"], "new_id_mass": acc["mass"] / max(1, acc["n_old_targets"]),
+            "pad_mass_max": acc["pad_max"], "pad_mass_mean": acc["pad_sum"] / max(1, acc["n_pos"]),
+            "positions": acc["n_pos"]}
 
 
 def demo_benchmark(args) -> dict:
@@ -424,11 +405,16 @@ def demo_benchmark(args) -> dict:
 
     data = blocks_of(zh_train) + blocks_of(en_train)
     pairs = DEMO_PAIRS[:args.demo_pairs] if args.demo_pairs else DEMO_PAIRS
+    if args.pairs:  # e.g. "mean,mean/calibrated,random": these pairs, in this order
+        pairs = [tuple(name.split("/")) if "/" in name else (name, name) for name in args.pairs.split(",")]
+    # `calibrated` reads training text (never the dev files): the first documents of each training file
+    calibration = [str(corpora / "zh_news.jsonl"), str(corpora / "en_pydoc_train.jsonl")]
     seeds = list(range(args.seeds))
     results = {"base": base.as_posix(), "n_old": n_old, "n_new": n_new, "dev_zh_docs": len(dev_zh),
                "dev_en_docs": len(dev_en), "train_blocks": len(data), "seeds": seeds, "pairs": {},
                "steps": [0, 25, args.continue_steps], "batch": args.batch, "lr": args.continue_lr,
-               "pad_to_multiple_of": args.pad}
+               "pad_to_multiple_of": args.pad, "calibration": calibration,
+               "calibration_tokens": args.calibration_tokens}
     from transformers import AutoModelForCausalLM
 
     def score(model, tok, nn_new):
@@ -453,7 +439,9 @@ def demo_benchmark(args) -> dict:
         out = work / f"grown_{pair[0]}_{pair[1]}_s{seed}"
         grow_embeddings(EmbedInitConfig(model=str(base), old_tokenizer=str(base), new_tokenizer=str(tok_dir),
                                         out=str(out), method=pair[0], output_method=pair[1], seed=seed,
-                                        pad_to_multiple_of=args.pad, progress=False, overwrite=True))
+                                        pad_to_multiple_of=args.pad, progress=False, overwrite=True,
+                                        calibration=calibration if pair[1] == "calibrated" else [],
+                                        calibration_tokens=args.calibration_tokens))
         model = AutoModelForCausalLM.from_pretrained(out)
         shutil.rmtree(out, ignore_errors=True)
         row = {"0": score(model, new_tok, n_new)}
@@ -572,6 +560,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3, help="--demo: seeds (init draws and data order)")
     ap.add_argument("--demo-pairs", type=int, default=0, help="--demo: only the first N method pairs (0 = all)")
     ap.add_argument("--demo-train", type=int, default=4, help="--demo: continue training the first N pairs")
+    ap.add_argument("--pairs", default="", help="--demo: only these pairs, in this order (comma-separated "
+                    "embed/lm_head names, a single name for both, e.g. mean,mean/calibrated,random)")
+    ap.add_argument("--calibration-tokens", type=int, default=4096,
+                    help="--demo: --calibration-tokens of `calibrated` (training text: zh news, pydoc)")
     ap.add_argument("--demo-train-docs", type=int, default=3000, help="--demo: zh news paragraphs to train on")
     ap.add_argument("--pad", type=int, default=64, help="--demo: --pad-to-multiple-of of every init")
     ap.add_argument("--resume", action="store_true", help="--demo: keep the rows of WORK/demo_results.json")

@@ -199,13 +199,15 @@ def corpus_bos(corpus: str) -> bool:
 
 
 def bits_per_byte(model, tok, texts: list[str], *, bos: int, eos: int | None = None, max_len: int = 256,
-                  batch_size: int = 8) -> dict[str, float]:
+                  batch_size: int = 8, on_positions=None) -> dict[str, float]:
     """Summed nats, predicted tokens, bytes, mean loss per token and bits per byte of `texts` under `model`,
     and the tokenizer's text tokens per byte (without BOS/EOS).
 
     Each document is `bos` + its tokens (+ `eos`, predicted too, when given): `bos` is the token every
     document is conditioned on (BOS; the EOS of the previous document for a corpus without BOS).
     `tok` is a `tokenizers.Tokenizer` (common.tokenizer_files.load_fast_tokenizer).
+    `on_positions(logits, targets)`, when given, is called per batch with the fp32 logits (positions x vocab)
+    and the target ids of the scored positions (e.g. to measure where the probability goes).
     """
     import torch
     import torch.nn.functional as F
@@ -238,8 +240,11 @@ def bits_per_byte(model, tok, texts: list[str], *, bos: int, eos: int | None = N
                 x[i, :len(w)] = torch.tensor(w)
                 y[i, :len(w) - 1] = torch.tensor(w[1:])
             logits = model(input_ids=x.to(model.device), use_cache=False).logits.float()
-            nats += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.to(logits.device).reshape(-1),
+            y = y.to(logits.device)
+            nats += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
                                           ignore_index=-100, reduction="sum"))
+            if on_positions is not None:
+                on_positions(logits[y != -100], y[y != -100])
     model.train(was_training)
     return {"nats": nats, "tokens": n_tokens, "bytes": n_bytes, "loss": nats / max(1, n_tokens),
             "bpb": nats / math.log(2) / max(1, n_bytes), "tokens_per_byte": n_text / max(1, n_bytes)}
