@@ -118,8 +118,10 @@ def test_reduced_demo_kill_resume_skip(tmp_path):
     assert all(f"src='{name}'" in html for name in pngs) and all(f"({name})" in md for name in pngs)
     bpb = json.loads((wf.stage("eval").out / "bpb.json").read_text())
     assert len(bpb) == 4 and all(0 < v["zh_news_dev"]["bpb"] < 20 for v in bpb.values())
-    assert list(bpb) == ["before extension", "mean init (default)", "mean init, after training",
-                         "mean / prefix-share init"]
+    assert list(bpb) == ["before extension", "calibrated init (default)", "calibrated init, after training",
+                         "mean init"]
+    assert read_manifest(wf.stage("embed_init").out)["output_method"] == "calibrated"
+    assert read_manifest(wf.stage("embed_init_mean").out)["output_method"] == "mean"
     audit = json.loads((wf.stage("audit").out / "audit.json").read_text())
     zh = [r for r in audit if r["corpus"].endswith("zh_news_dev.jsonl")]
     en = [r for r in audit if r["corpus"].endswith("en_pydoc_dev.jsonl")]
