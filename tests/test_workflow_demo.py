@@ -39,6 +39,8 @@ REDUCE = {
     "mix": {"spec": "1:{@prep_zh}, 0.5:{@prep_en}"},
     "train": {"max_steps": 6, "micro_batch_size": 2, "lora_r": 4, "lora_alpha": 8, "eval_every": 3,
               "eval_blocks": 2, "save_every": 1, "gradient_checkpointing": False},
+    "train_mean": {"max_steps": 3, "micro_batch_size": 2, "lora_r": 4, "lora_alpha": 8, "eval_every": 0,
+                   "eval_blocks": 2, "save_every": 0, "gradient_checkpointing": False},
     "eval": {"max_docs": 3, "max_len": 64, "dev": ["@corpora/zh_news_dev.jsonl"]},
     "report": {"max_new_tokens": 4},
 }
@@ -117,9 +119,14 @@ def test_reduced_demo_kill_resume_skip(tmp_path):
     assert {"alp.png", "audit.png", "bpb.png", "train_loss.png", "base_loss.png"} <= set(pngs)
     assert all(f"src='{name}'" in html for name in pngs) and all(f"({name})" in md for name in pngs)
     bpb = json.loads((wf.stage("eval").out / "bpb.json").read_text())
-    assert len(bpb) == 4 and all(0 < v["zh_news_dev"]["bpb"] < 20 for v in bpb.values())
+    assert len(bpb) == 5 and all(0 < v["zh_news_dev"]["bpb"] < 20 for v in bpb.values())
     assert list(bpb) == ["before extension", "calibrated init (default)", "calibrated init, after training",
-                         "mean init"]
+                         "mean init", "mean init, after training"]
+    # both inits are trained (the mean run from its own init) and the report shows each row
+    assert bpb["mean init, after training"] != bpb["mean init"]
+    assert read_manifest(wf.stage("merge_mean").out)["inputs"]["base"] == str(wf.stage("embed_init_mean").out.resolve())
+    for label in bpb:
+        assert label in md, label
     assert read_manifest(wf.stage("embed_init").out)["output_method"] == "calibrated"
     assert read_manifest(wf.stage("embed_init_mean").out)["output_method"] == "mean"
     audit = json.loads((wf.stage("audit").out / "audit.json").read_text())
