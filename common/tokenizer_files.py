@@ -24,6 +24,7 @@ from common.errors import GraftError, input_error
 # never taken from a model folder when another tokenizer is written beside its weights.
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # prompt format, not vocabulary: carried with the model
 SPM_FILE = "tokenizer.model"
 HF_FILE = "tokenizer.json"
 # SentencePiece piece types (sentencepiece_model.proto).

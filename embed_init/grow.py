@@ -19,7 +19,7 @@ from common.checkpoint import (CONFIG_FILE, Checkpoint, TensorPlan, copy_side_fi
                                rewrite_checkpoint, torch_dtype)
 from common.errors import input_error
 from common.rerun import guard, listed
-from common.tokenizer_files import TOKENIZER_FILES
+from common.tokenizer_files import CHAT_TEMPLATE_FILE, TOKENIZER_FILES
 from common.io import (MANIFEST, atomic_path, atomic_write_json, file_sha256, is_complete, read_manifest,
                        remove_stale_temps, write_manifest)
 from embed_init.config import DEFAULT_OUTPUT_METHOD, OUTPUT_ONLY_METHODS, EmbedInitConfig
@@ -337,7 +337,10 @@ def grow_embeddings(cfg: EmbedInitConfig) -> Path:
         tmp.mkdir()
         report = rewrite_checkpoint(ckpt, tmp, plan, link=cfg.link, progress=cfg.progress,
                                     move_to_new_shard=True, new_shard=new_shard_name(ckpt))
-        copy_side_files(model_dir, tmp, skip=lambda p: p.name in TOKENIZER_FILES or p.name == CONFIG_FILE)
+        # The model's chat template is kept (the new tokenizer's own, if it has one, replaces it below); its
+        # other tokenizer files never are: they describe the old vocabulary.
+        copy_side_files(model_dir, tmp, skip=lambda p: p.name == CONFIG_FILE
+                        or (p.name in TOKENIZER_FILES and p.name != CHAT_TEMPLATE_FILE))
         config = dict(ckpt.config)
         config["vocab_size"] = rows
         atomic_write_json(tmp / CONFIG_FILE, config)

@@ -192,6 +192,9 @@ def test_tied_llama_bf16_padded_hf_folder_cli(work, base_model_path, capsys):
 def test_single_file_checkpoint_and_determinism(work, base_model_path, tmp_path):
     src = save_tiny_llama_tied(tmp_path / "single", max_shard_size="200MB")
     assert (src / "model.safetensors").is_file() and not (src / INDEX_FILE).exists()
+    # a chat model's template travels with the grown model; the old vocabulary's files do not
+    (src / "chat_template.jinja").write_text("{{ messages[0]['content'] }}", encoding="utf-8")
+    (src / "vocab.json").write_text("{}", encoding="utf-8")
     outs = []
     for name in ("a", "b"):
         outs.append(grow_embeddings(EmbedInitConfig(model=str(src), old_tokenizer=str(base_model_path),
@@ -200,6 +203,8 @@ def test_single_file_checkpoint_and_determinism(work, base_model_path, tmp_path)
     a, b = outs
     assert sorted(p.name for p in a.glob("*.safetensors")) == ["model.safetensors"]
     assert not (a / INDEX_FILE).exists()
+    assert (a / "chat_template.jinja").read_text(encoding="utf-8") == "{{ messages[0]['content'] }}"
+    assert not (a / "vocab.json").exists()
     assert file_sha256(a / "model.safetensors") == file_sha256(b / "model.safetensors")
     _check_mean_rows(load_file(src / "model.safetensors")["model.embed_tokens.weight"],
                      load_file(a / "model.safetensors")["model.embed_tokens.weight"], work["sources"],
