@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from common.errors import GraftError, input_error
+from common.errors import input_error
 from common.rerun import guard, listed, overwrite_field
 from corpus.readers import ON_CORRUPT_HELP, prefetch
 
@@ -54,11 +54,19 @@ class AuditConfig:
     overwrite: bool = overwrite_field()
     progress: bool = field(default=True, metadata={"help": "show a progress bar with MB/s"})
 
-
     def __post_init__(self) -> None:  # out-of-range values fail when the config is built (CLI, TOML, workflow)
         from common.validate import check_ranges
+        from corpus.readers import ON_CORRUPT
 
-        check_ranges(self, {"workers": ">=1", "batch_mb": ">0"})
+        check_ranges(self, {"workers": ">=1", "batch_mb": ">0"}, choices={"format": FORMATS, "on_corrupt": ON_CORRUPT})
+
+    def validate(self) -> "AuditConfig":
+        """Ready to run: at least one tokenizer and one corpus."""
+        from common.validate import check_required
+
+        check_required(self, ("tokenizers",), how="pass --tokenizer PATH (twice or more to compare)")
+        check_required(self, ("corpus",), how="pass --corpus FILE (a .jsonl, .parquet or .txt file, or a glob)")
+        return self
 
 # ---------------------------------------------------------------------------------------------
 # tokenizers
@@ -203,14 +211,7 @@ def audit_tables(cfg: AuditConfig, rejects: Any = None) -> list[dict[str, Any]]:
     """One row per (corpus, tokenizer), in the order given; see COLUMNS."""
     from corpus.readers import RejectLog, expand_inputs
 
-    if not cfg.tokenizers:
-        raise GraftError("no tokenizer given. Fix: pass --tokenizer PATH (twice or more to compare)")
-    if not cfg.corpus:
-        raise GraftError("no corpus given. Fix: pass --corpus FILE (a .jsonl, .parquet or .txt file, or a glob)")
-    if cfg.format not in FORMATS:
-        raise GraftError(f"unknown --format {cfg.format!r}. Fix: use one of {', '.join(FORMATS)}")
-    if cfg.workers < 1:
-        raise GraftError(f"--workers must be at least 1, got {cfg.workers}. Fix: pass --workers 1 or more")
+    cfg.validate()
     for pattern in cfg.corpus:
         expand_inputs([pattern])  # fail early on a missing file, before loading tokenizers
     for p in cfg.tokenizers:

@@ -10,8 +10,18 @@ Rules: ">0", ">=0", ">=1", ">=2", "[0,1)", "[0,1]", "(0,1]". `None` values (opti
 pass; NaN and infinities never do. A field that takes one of a few words is checked the same way:
 
         check_ranges(self, {"workers": ">=1"}, choices={"last_block": ("drop", "pad")})
- A config whose values can change after it is built may call
-`check_ranges` again in its `validate()`.
+
+Rules that tie two fields together (e.g. "auto stands alone in target_modules") follow the call in the same
+`__post_init__`. Stage functions do not check values again.
+
+Fields that must be set before a stage runs, but may be filled in after the config is built (a `--config`
+TOML file plus command-line flags, a workflow's `@stage` reference), are checked by the config's
+`validate()`, which the stage calls first and the workflow loader calls when it can:
+
+    def validate(self) -> "TrainConfig":
+        check_required(self, ("model", "train_data", "out"))
+        return self
+
 A workflow file builds every stage's config once when it is read (workflows/spec.py), so a bad value
 there fails at load time with the table name, not hours later when the stage is reached.
 """
@@ -63,11 +73,22 @@ def choice_problems(cfg: Any, choices: Mapping[str, tuple[str, ...]]) -> list[st
     return problems
 
 
-def check_ranges(cfg: Any, rules: Mapping[str, str], choices: Mapping[str, tuple[str, ...]] | None = None) -> None:
-    """Raise GraftError naming every key of `cfg` whose value breaks its rule or is not among its `choices`
-    (see the module docstring)."""
-    problems = range_problems(cfg, rules) + choice_problems(cfg, choices or {})
+def _raise(problems: list[str], title: str) -> None:
     if len(problems) == 1:
         raise GraftError(problems[0])
     if problems:
-        raise GraftError("out-of-range settings:\n  " + "\n  ".join(problems))
+        raise GraftError(f"{title}:\n  " + "\n  ".join(problems))
+
+
+def check_required(cfg: Any, names: tuple[str, ...], how: str = "pass --{flag} or set {key} in the config") -> None:
+    """Raise GraftError naming every field of `names` that is unset (None or empty); `how` says how to set one,
+    with {flag} and {key} filled in."""
+    missing = [n for n in names if getattr(cfg, n) in (None, "", [], ())]
+    _raise([f"`{n}` is not set. Fix: " + how.format(flag=n.replace("_", "-"), key=n) for n in missing],
+           "settings not set")
+
+
+def check_ranges(cfg: Any, rules: Mapping[str, str], choices: Mapping[str, tuple[str, ...]] | None = None) -> None:
+    """Raise GraftError naming every key of `cfg` whose value breaks its rule or is not among its `choices`
+    (see the module docstring)."""
+    _raise(range_problems(cfg, rules) + choice_problems(cfg, choices or {}), "out-of-range settings")

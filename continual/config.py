@@ -25,6 +25,14 @@ def _h(text: str, **kw: Any) -> dict:
     return {"help": text, **kw}
 
 
+# Allowed words of TrainConfig's and MergeConfig's choice fields (common/validate.py words the error).
+TRAIN_CHOICES = {
+    "embeddings": EMBEDDING_MODES, "compute_dtype": ("auto", "bfloat16", "float32"),
+    # uint8 is bitsandbytes' default; FSDP needs every parameter of a unit in one float dtype (bfloat16)
+    "quant_storage": ("uint8", "bfloat16", "float16", "float32"),
+}
+MERGE_DTYPES = ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
+
 # Allowed ranges of TrainConfig's numbers (rules: common/validate.py); None (optional, unset) passes.
 TRAIN_RANGES = {
     "learning_rate": ">0", "embedding_lr": ">0", "weight_decay": ">=0", "warmup_ratio": "[0,1]",
@@ -101,31 +109,23 @@ class TrainConfig:
     resume: bool = field(default=True, metadata=_h("resume from the newest checkpoint in `out`"))
     progress: bool = field(default=True, metadata=_h("show a progress bar with tokens/s"))
 
-    def __post_init__(self) -> None:  # out-of-range values fail when the config is built (CLI, TOML, workflow)
+    def __post_init__(self) -> None:  # bad values fail when the config is built (CLI, TOML, workflow)
         from common.validate import check_ranges
 
-        check_ranges(self, TRAIN_RANGES)
-
-    def validate(self) -> "TrainConfig":
-        from common.validate import check_ranges
-
-        check_ranges(self, TRAIN_RANGES)  # again: fields may have been set after the config was built
-        for name in ("model", "train_data", "out"):
-            if not getattr(self, name):
-                raise GraftError(f"`{name}` is not set. Fix: put `{name} = \"...\"` in the TOML file or pass "
-                                 f"--{name.replace('_', '-')}")
-        if self.embeddings not in EMBEDDING_MODES:
-            raise GraftError(f"embeddings = {self.embeddings!r} is not one of {', '.join(EMBEDDING_MODES)}. "
-                             "Fix: use full, new-rows or frozen")
-        if self.compute_dtype not in ("auto", "bfloat16", "float32"):
-            raise GraftError(f"compute_dtype = {self.compute_dtype!r}. Fix: use auto, bfloat16 or float32")
-        if self.quant_storage not in ("uint8", "bfloat16", "float16", "float32"):
-            raise GraftError(f"quant_storage = {self.quant_storage!r}. Fix: use uint8 (default) or bfloat16 (FSDP)")
+        check_ranges(self, TRAIN_RANGES, choices=TRAIN_CHOICES)
         if not self.target_modules:
             raise GraftError("target_modules is empty. Fix: name at least one module, e.g. q_proj, or use auto")
         if AUTO_TARGETS in self.target_modules and len(self.target_modules) > 1:
             raise GraftError(f"target_modules = {self.target_modules}: auto stands alone. Fix: use [\"auto\"] or "
                              "list module names only")
+
+    def validate(self) -> "TrainConfig":
+        """Ready to run: the paths are set, and fields set after the config was built are checked again."""
+        from common.validate import check_required
+
+        self.__post_init__()
+        check_required(self, ("model", "train_data", "out"),
+                       how="put `{key} = \"...\"` in the TOML file or pass --{flag}")
         return self
 
 
@@ -147,18 +147,16 @@ class MergeConfig:
         "merge even if the base's fingerprint differs from the one the adapter was trained on"))
 
     def __post_init__(self) -> None:  # a bad dtype fails when the config is built (CLI, workflow file)
-        self._check_dtype()
+        from common.validate import check_ranges
 
-    def _check_dtype(self) -> None:
-        if self.dtype not in ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32"):
-            raise GraftError(f"`dtype` (--dtype) = {self.dtype!r} is not a dtype graft merge writes. "
-                             "Fix: use auto, bf16, fp16 or fp32")
+        check_ranges(self, {}, choices={"dtype": MERGE_DTYPES})
 
     def validate(self) -> "MergeConfig":
-        for name in ("base", "adapter", "out"):
-            if not getattr(self, name):
-                raise GraftError(f"`{name}` is not set. Fix: pass --{name} DIR")
-        self._check_dtype()
+        """Ready to run: the three folders are set."""
+        from common.validate import check_required
+
+        self.__post_init__()
+        check_required(self, ("base", "adapter", "out"), how="pass --{flag} DIR")
         return self
 
 

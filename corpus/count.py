@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from common.errors import GraftError
 from corpus.blocks import SPLITS
 from corpus.table import format_table
-from corpus.readers import DEFAULT_MAX_DOC_BYTES, ON_CORRUPT_HELP, check_on_corrupt
+from corpus.readers import DEFAULT_MAX_DOC_BYTES, ON_CORRUPT, ON_CORRUPT_HELP
 from corpus.registry import DEFAULT_REGISTRY, get_dataset, load_registry, parse_split
 from corpus.shard import ShardJob, process_shard, remember_tokenizer, sum_counts
 
@@ -40,19 +40,17 @@ class CountConfig:
     on_corrupt: str = field(default="stop", metadata={"help": ON_CORRUPT_HELP})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
-
     def __post_init__(self) -> None:  # out-of-range values fail when the config is built (CLI, TOML, workflow)
         from common.validate import check_ranges
 
-        check_ranges(self, {"block_size": ">=1", "workers": ">=1", "threads": ">=0", "max_doc_bytes": ">=1"})
+        check_ranges(self, {"block_size": ">=1", "workers": ">=1", "threads": ">=0", "max_doc_bytes": ">=1"},
+                     choices={"on_corrupt": ON_CORRUPT})
+
 
 def count(cfg: CountConfig) -> dict[str, dict]:
     """Returns {dataset: {"counts": {split: {documents, characters, tokens, blocks}}, "rejects": {...}}}."""
     from corpus.runner import Progress, run_jobs
 
-    if cfg.block_size < 1:
-        raise GraftError(f"--block-size {cfg.block_size} must be >= 1")
-    check_on_corrupt(cfg.on_corrupt)
     if cfg.name is None:
         entries = load_registry(cfg.registry)
     else:

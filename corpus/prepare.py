@@ -20,7 +20,7 @@ from common.errors import GraftError
 from common.io import atomic_path, atomic_write_json, is_complete, read_json, read_manifest, write_manifest
 from corpus.blocks import COMPLETIONS_DIR, PREPARE_STAGE, SHARDS_DIR, SPLITS, TAIL_DIR
 from common.rerun import check_rerun, file_fingerprint, has_content
-from corpus.readers import DEFAULT_MAX_DOC_BYTES, FORMATS, ON_CORRUPT_HELP, check_on_corrupt, expand_inputs
+from corpus.readers import DEFAULT_MAX_DOC_BYTES, FORMATS, ON_CORRUPT, ON_CORRUPT_HELP, expand_inputs
 from corpus.registry import DEFAULT_REGISTRY, DEFAULT_SPLIT, get_dataset, parse_split, set_encoded
 from corpus.shard import REJECTS_FILE, STATS_FILE, ShardJob, process_shard, remember_tokenizer, sum_counts
 
@@ -77,12 +77,19 @@ class PrepareConfig:
 
         check_ranges(self, {"block_size": ">=1", "workers": ">=1", "threads": ">=0", "num_shards": ">=1",
                             "shard_index": ">=0", "batch_chars": ">=1", "max_doc_bytes": ">=1", "pad_id": ">=0"},
-                     choices={"last_block": LAST_BLOCK, "format": FORMATS})
-        check_on_corrupt(self.on_corrupt)
+                     choices={"last_block": LAST_BLOCK, "format": FORMATS, "on_corrupt": ON_CORRUPT})
         if not self.shard_index < self.num_shards:
             raise GraftError(f"--shard-index {self.shard_index} must be in [0, --num-shards {self.num_shards})")
         if self.split is not None:
             parse_split(self.split)
+
+    def validate(self) -> "PrepareConfig":
+        """Ready to run: a tokenizer is named (the output folder may come from the registry)."""
+        from common.validate import check_required
+
+        check_required(self, ("tokenizer",), how="pass --tokenizer DIR (a HF tokenizer folder, tokenizer.json or .model)")
+        return self
+
 
 @dataclass
 class _Resolved:
@@ -96,8 +103,7 @@ class _Resolved:
 
 
 def _resolve(cfg: PrepareConfig) -> _Resolved:
-    if not cfg.tokenizer:
-        raise GraftError("no tokenizer given. Fix: pass --tokenizer DIR (a HF tokenizer folder, tokenizer.json or .model)")
+    cfg.validate()
     # block_size, last_block, format, shards, workers and on_corrupt are checked when the config is built
     # (PrepareConfig.__post_init__), so a workflow file with a bad value fails when it is read.
     if cfg.files:

@@ -99,17 +99,13 @@ class EmbedInitConfig:
             raise GraftError(f"--method {self.method!r} sets lm_head rows only (it shares an old piece's output "
                              f"probability). Fix: pass it as --output-method {self.method} and pick --method from "
                              f"{', '.join(INPUT_METHODS)}")
-        if self.method not in INPUT_METHODS:
-            raise GraftError(f"--method {self.method!r} is not one of {', '.join(INPUT_METHODS)}. "
-                             "Fix: pick one of them")
-        if self.output_method and self.output_method not in OUTPUT_METHODS:
-            raise GraftError(f"--output-method {self.output_method!r} is not one of {', '.join(OUTPUT_METHODS)}. "
-                             "Fix: pick one of them, or leave it empty for the default")
+        check_ranges(self, {"pad_to_multiple_of": ">=0", "interpolation": "[0,1]", "calibration_tokens": ">=1",
+                            "calibration_share": ">0"},
+                     choices={"method": INPUT_METHODS,  # an empty output_method is the default rule
+                              **({"output_method": OUTPUT_METHODS} if self.output_method else {})})
         if self.output_method == "calibrated" and not self.calibration:
             raise GraftError("--output-method calibrated needs text to calibrate on. Fix: pass --calibration FILE "
                              "(e.g. a .jsonl of the continued-pretraining corpus), or pick another --output-method")
-        check_ranges(self, {"pad_to_multiple_of": ">=0", "interpolation": "[0,1]", "calibration_tokens": ">=1",
-                            "calibration_share": ">0"})
 
 
 @dataclass

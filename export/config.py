@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from common.errors import GraftError
-
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 
@@ -38,6 +36,7 @@ class GgufConfig:
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output"})
     progress: bool = field(default=True, metadata={"help": "show the converter's output while it runs"})
 
-    def validate(self) -> None:
-        if self.outtype not in OUTTYPES:
-            raise GraftError(f"--outtype {self.outtype!r} is not supported. Fix: use one of {', '.join(OUTTYPES)}")
+    def __post_init__(self) -> None:  # a bad outtype fails when the config is built (CLI, workflow file)
+        from common.validate import check_ranges
+
+        check_ranges(self, {}, choices={"outtype": OUTTYPES})

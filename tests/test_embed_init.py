@@ -373,7 +373,7 @@ def test_error_existing_output_and_overwrite(work, base_model_path, tmp_path, ca
     with pytest.raises(GraftError, match=r"o: holds a finished embed_init output made with different settings "
                                          r"method. Fix: choose another --out, or pass --overwrite"):
         _init(work, base_model_path, out, method="random")
-    with pytest.raises(GraftError, match="--method 'avg' is not one of mean, hf-mean, random"):
+    with pytest.raises(GraftError, match=r"\(--method\) = 'avg' is not one of mean, hf-mean, random"):
         _init(work, base_model_path, tmp_path / "o2", method="avg")
 
 

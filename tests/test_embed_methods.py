@@ -129,7 +129,7 @@ def test_errors_name_the_option(work, base_model_path, tmp_path):
     with pytest.raises(GraftError, match=r"--method 'prefix-share' sets lm_head rows only .*Fix: pass it as "
                                          r"--output-method prefix-share"):
         EmbedInitConfig(method="prefix-share", **cfg)
-    with pytest.raises(GraftError, match=r"--output-method 'median' is not one of mean, hf-mean, random, .*"
+    with pytest.raises(GraftError, match=r"\(--output-method\) = 'median' is not one of mean, hf-mean, random, .*"
                                          r"prefix-share, calibrated. Fix"):
         EmbedInitConfig(output_method="median", **cfg)
     with pytest.raises(GraftError, match=r"interpolation.*must be in \[0, 1\]"):

@@ -298,9 +298,11 @@ def _check_values(kind: StageKind, fields: dict, values: dict[str, Any], where: 
     """Build the config once with placeholder paths, so that its own checks (__post_init__,
     validate()) report bad values now rather than when the stage is reached hours later."""
     kwargs: dict[str, Any] = {}
+    unknown = False
     for key, value in values.items():
         if any(parse_ref(r) is not None and parse_ref(r).key for r in refs_in(value)):
-            continue  # a manifest value: unknown until the stage it names has run
+            unknown = True  # a manifest value: unknown until the stage it names has run
+            continue
         placeholder = resolve_value(value, _Placeholders(), lambda name: {})
         try:
             kwargs[key] = coerce(placeholder, fields[key][1])
@@ -310,7 +312,7 @@ def _check_values(kind: StageKind, fields: dict, values: dict[str, Any], where: 
         kwargs[kind.out_field] = kwargs.get(kind.out_field, "out")
     try:
         cfg = kind.config_class()(**kwargs)
-        if callable(getattr(cfg, "validate", None)):
+        if callable(getattr(cfg, "validate", None)) and not unknown:  # else a required field may look unset
             cfg.validate()
     except GraftError as e:
         errors.append(f"{where} " + str(e).replace("\n", "\n  "))  # a list of problems: indented under its stage

@@ -8,6 +8,14 @@ from common.errors import GraftError
 from workflows.spec import load_workflow
 
 
+def _load_error(wf, text: str) -> str:
+    """The error of loading a workflow file holding `text`."""
+    wf.write_text(text)
+    with pytest.raises(GraftError) as e:
+        load_workflow(wf)
+    return str(e.value)
+
+
 @pytest.mark.fault("out-of-range setting", "error")
 def test_command_line_value_out_of_range(tmp_path, capsys):
     rc = workflows.cli.main(["corpus", "prepare", "t", "--tokenizer", "tok", "--files", "a.jsonl",
@@ -23,14 +31,11 @@ def test_command_line_value_out_of_range(tmp_path, capsys):
 @pytest.mark.fault("out-of-range setting", "error")
 def test_workflow_file_value_out_of_range_fails_when_read(tmp_path):
     wf = tmp_path / "wf.toml"
-    wf.write_text('[workflow]\nname = "w"\n\n'
-                  '[base_model]\nkind = "demo.base"\ninputs = ["a.jsonl"]\ntokenizer = "t.model"\n'
-                  'learning_rate = -0.001\n\n'
-                  '[prep]\nkind = "corpus.prepare"\nname = "x"\ntokenizer = "@base_model"\nfiles = ["a.jsonl"]\n'
-                  'workers = 0\nbatch_chars = 0\nlast_block = "padd"\n')
-    with pytest.raises(GraftError) as e:
-        load_workflow(wf)
-    assert str(e.value) == (
+    assert _load_error(wf, '[workflow]\nname = "w"\n\n'
+                           '[base_model]\nkind = "demo.base"\ninputs = ["a.jsonl"]\ntokenizer = "t.model"\n'
+                           'learning_rate = -0.001\n\n'
+                           '[prep]\nkind = "corpus.prepare"\nname = "x"\ntokenizer = "@base_model"\nfiles = ["a.jsonl"]\n'
+                           'workers = 0\nbatch_chars = 0\nlast_block = "padd"\n') == (
         f"{wf}: invalid workflow:\n"
         "  line 8: [base_model] `learning_rate` (--learning-rate) = -0.001 must be > 0. Fix: set learning_rate to a "
         "positive value\n"
@@ -111,17 +116,14 @@ def test_vocab_grid_too_small_for_its_chars_fails_before_reading(tmp_path, capsy
 @pytest.mark.fault("out-of-range setting", "error")
 def test_workflow_file_every_stage_kind_checked_when_read(tmp_path):
     wf = tmp_path / "wf.toml"
-    wf.write_text('[workflow]\nname = "w"\n\n'
-                  '[cands]\nkind = "vocab.train"\ninputs = ["zh.jsonl"]\nchars = [3000]\nsizes = ["2000:8000:1000"]\n\n'
-                  '[pick]\nkind = "vocab.pick"\nscores = "s"\nsize = -1\n\n'
-                  '[grown]\nkind = "embed.init"\nmodel = "m"\nold_tokenizer = "t"\nnew_tokenizer = "@pick"\n'
-                  'pad_to_multiple_of = -64\n\n'
-                  '[train]\nkind = "continual.train"\nmodel = "@grown"\ntrain_data = "d"\nlearning_rate = 0\n'
-                  'warmup_ratio = 2.0\n\n'
-                  '[merged]\nkind = "continual.merge"\nbase = "@grown"\nadapter = "@train/adapter"\ndtype = "int8"\n')
-    with pytest.raises(GraftError) as e:
-        load_workflow(wf)
-    assert str(e.value) == (
+    assert _load_error(wf, '[workflow]\nname = "w"\n\n'
+                           '[cands]\nkind = "vocab.train"\ninputs = ["zh.jsonl"]\nchars = [3000]\nsizes = ["2000:8000:1000"]\n\n'
+                           '[pick]\nkind = "vocab.pick"\nscores = "s"\nsize = -1\n\n'
+                           '[grown]\nkind = "embed.init"\nmodel = "m"\nold_tokenizer = "t"\nnew_tokenizer = "@pick"\n'
+                           'pad_to_multiple_of = -64\n\n'
+                           '[train]\nkind = "continual.train"\nmodel = "@grown"\ntrain_data = "d"\nlearning_rate = 0\n'
+                           'warmup_ratio = 2.0\n\n'
+                           '[merged]\nkind = "continual.merge"\nbase = "@grown"\nadapter = "@train/adapter"\ndtype = "int8"\n') == (
         f"{wf}: invalid workflow:\n"
         "  [cands] size 2000 is smaller than required: --chars 3000 needs 3000 character pieces plus 259 reserved "
         "pieces (<unk>, <s>, </s> and 256 byte pieces), i.e. SentencePiece's 'Vocabulary size is smaller than "
@@ -133,5 +135,52 @@ def test_workflow_file_every_stage_kind_checked_when_read(tmp_path):
         "    line 26: `learning_rate` (--learning-rate) = 0.0 must be > 0. Fix: set learning_rate to a positive value\n"
         "    line 27: `warmup_ratio` (--warmup-ratio) = 2.0 must be in [0, 1]. Fix: set warmup_ratio to a value from 0 "
         "to 1\n"
-        "  line 33: [merged] `dtype` (--dtype) = 'int8' is not a dtype graft merge writes. Fix: use auto, bf16, fp16 or "
-        "fp32")
+        "  line 33: [merged] `dtype` (--dtype) = 'int8' is not one of auto, bf16, bfloat16, fp16, float16, fp32, "
+        "float32. Fix: set dtype to one of auto, bf16, bfloat16, fp16, float16, fp32, float32")
+
+
+@pytest.mark.fault("out-of-range setting", "error")
+def test_workflow_file_choice_values_fail_when_read(tmp_path):
+    """Words that used to be checked only when the stage ran (train's embeddings, compute_dtype and
+    quant_storage, the audit's format and on_corrupt, the export's outtype) now fail when the file is read."""
+    wf = tmp_path / "wf.toml"
+    assert _load_error(wf, '[workflow]\nname = "w"\n\n'
+                           '[audit]\nkind = "audit"\ntokenizers = ["t.model"]\ncorpus = ["zh.jsonl"]\nformat = "html"\n'
+                           'on_corrupt = "ignore"\n\n'
+                           '[train]\nkind = "continual.train"\nmodel = "m"\ntrain_data = "d"\nembeddings = "new_rows"\n\n'
+                           '[gguf]\nkind = "export.gguf"\nmodel = "m"\nouttype = "q4_k"\n') == (
+        f"{wf}: invalid workflow:\n"
+        "  [audit] out-of-range settings:\n"
+        "    line 8: `format` (--format) = 'html' is not one of md, csv, json. Fix: set format to one of md, csv, json\n"
+        "    line 9: `on_corrupt` (--on-corrupt) = 'ignore' is not one of stop, skip. Fix: set on_corrupt to one of "
+        "stop, skip\n"
+        "  line 15: [train] `embeddings` (--embeddings) = 'new_rows' is not one of full, new-rows, frozen. Fix: set "
+        "embeddings to one of full, new-rows, frozen\n"
+        "  line 20: [gguf] `outtype` (--outtype) = 'q4_k' is not one of f32, f16, bf16, q8_0. Fix: set outtype to one "
+        "of f32, f16, bf16, q8_0")
+
+
+@pytest.mark.fault("missing setting", "error")
+def test_every_unset_required_setting_is_named_before_the_stage_runs(tmp_path, capsys):
+    from analysis.audit import AuditConfig, audit_tables
+    from continual.config import MergeConfig, TrainConfig
+
+    with pytest.raises(GraftError) as e:
+        TrainConfig(model="m").validate()
+    assert str(e.value) == ('settings not set:\n'
+                            '  `train_data` is not set. Fix: put `train_data = "..."` in the TOML file or pass '
+                            '--train-data\n'
+                            '  `out` is not set. Fix: put `out = "..."` in the TOML file or pass --out')
+    with pytest.raises(GraftError, match=r"^`adapter` is not set. Fix: pass --adapter DIR$"):
+        MergeConfig(base="b", out="o").validate()
+    with pytest.raises(GraftError, match=r"^`corpus` is not set. Fix: pass --corpus FILE"):
+        audit_tables(AuditConfig(tokenizers=[str(tmp_path / "missing.model")]))  # before the tokenizer is read
+    # a value set after the config was built is checked again when the stage starts
+    cfg = TrainConfig(model="m", train_data="d", out="o")
+    cfg.quant_storage = "int4"
+    with pytest.raises(GraftError, match=r"`quant_storage` \(--quant-storage\) = 'int4' is not one of uint8, "):
+        cfg.validate()
+    assert workflows.cli.main(["export", "gguf", "--model", "m", "--out", str(tmp_path / "x.gguf"),
+                               "--outtype", "q4"]) == 2
+    assert "`outtype` (--outtype) = 'q4' is not one of f32, f16, bf16, q8_0" in capsys.readouterr().err
+    assert not (tmp_path / "x.gguf").exists()
