@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis.audit import AuditConfig, _batches, audit_tables  # noqa: E402
 from common.tokenizer_files import load_fast_tokenizer  # noqa: E402
-from corpus import sources  # noqa: E402
+from demo import sources  # noqa: E402
 from corpus.readers import RejectLog  # noqa: E402
 
 SCRATCH = Path("/tmp/analysis/bench_audit")

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _memory import peak_rss_mb  # noqa: E402
 
-# name: (model_type, real depth, vocabulary, hidden, config overrides of common.tiny.tiny_config)
+# name: (model_type, real depth, vocabulary, hidden, config overrides of demo.tiny.tiny_config)
 REAL = {
     "mixtral": ("mixtral", 32, 32000, 4096, dict(intermediate=14336, experts=8, heads=32, kv_heads=8)),
     "qwen2_moe": ("qwen2_moe", 24, 151936, 2048, dict(
@@ -55,7 +55,7 @@ def build(arch: str, base: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from common.checkpoint import write_index
-    from common.tiny import tiny_config
+    from demo.tiny import tiny_config
 
     model_type, _, vocab, hidden, kw = REAL[arch]
     cfg = tiny_config(model_type, vocab_size=vocab, hidden=hidden, layers=1, **kw)

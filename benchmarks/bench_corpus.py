@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def build_docs() -> list[str]:
-    from corpus import sources
+    from demo import sources
 
     news = sources.people_daily_lines()
     reviews = sources.review_lines()
@@ -176,7 +176,7 @@ def make_tokenizer() -> str:
     if not (tok_dir / "tokenizer.json").exists():
         from transformers import LlamaTokenizerFast
 
-        from corpus.sources import base_tokenizer_model
+        from demo.sources import base_tokenizer_model
 
         LlamaTokenizerFast(vocab_file=str(base_tokenizer_model()), add_prefix_space=True).save_pretrained(tok_dir)
     return str(tok_dir)

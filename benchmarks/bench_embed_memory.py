@@ -134,7 +134,7 @@ def main() -> None:
     from bench_embed_tokenizer import build_zh_tokenizer
 
     from common.checkpoint import open_checkpoint
-    from corpus.sources import base_tokenizer_model, people_daily_lines
+    from demo.sources import base_tokenizer_model, people_daily_lines
     from embed_init.tokens import load_pieces
 
     t0 = time.time()

@@ -235,7 +235,7 @@ def compare_inits(label: str, base: Path, work: Path, new_tok_dir: Path, old_tok
     """Grow `base` with every init (plus the reference-style mean and two ablations) and evaluate each."""
     import embed_init.grow as grow_mod
     from common.io import is_complete
-    from corpus.sources import base_tokenizer_model
+    from demo.sources import base_tokenizer_model
     from embed_init.config import EmbedInitConfig
     from embed_init.grow import grow_embeddings
 
@@ -381,7 +381,7 @@ def demo_benchmark(args) -> dict:
     from common.tokenizer_files import load_fast_tokenizer
     from embed_init.config import EmbedInitConfig
     from embed_init.grow import grow_embeddings
-    from workflows.demo_base import read_jsonl_texts
+    from demo.stages import read_jsonl_texts
 
     runs = Path(args.demo)
     base, tok_dir, corpora = runs / "base_model", runs / "vocab_merge", runs / "corpora"
@@ -590,7 +590,7 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from bench_embed_tokenizer import build_zh_tokenizer
-    from corpus.sources import base_tokenizer_model, english_paragraphs, people_daily_lines
+    from demo.sources import base_tokenizer_model, english_paragraphs, people_daily_lines
     from embed_init.grow import write_tokenizer
 
     hf_logging.disable_progress_bar()  # one bar per checkpoint load buries the tables

@@ -12,7 +12,7 @@ from pathlib import Path
 def build_zh_tokenizer(out: str | Path, lines, size: int = 8000, chars: int | None = None) -> Path:
     """Train a Chinese BPE of `size` pieces on `lines` and append it to Mixtral's tokenizer (vocab merge)."""
     from common.io import is_complete
-    from corpus.sources import base_tokenizer_model
+    from demo.sources import base_tokenizer_model
     from vocab.merge import VocabMergeConfig, merge_into_base
     from vocab.train import count_chars, train_bpe
 
@@ -28,7 +28,7 @@ def build_zh_tokenizer(out: str | Path, lines, size: int = 8000, chars: int | No
 
 
 if __name__ == "__main__":
-    from corpus.sources import people_daily_lines
+    from demo.sources import people_daily_lines
 
     t0 = time.time()
     size = int(sys.argv[2]) if len(sys.argv) > 2 else 8000

@@ -59,7 +59,7 @@ BASELINE = PROBE + r"""
 import json, torch
 from transformers import AutoModelForCausalLM
 from common.tokenizer_files import load_fast_tokenizer
-from workflows.demo_base import read_jsonl_texts
+from demo.stages import read_jsonl_texts
 from workflows.evaluate import bits_per_byte
 model, dev, max_docs, max_len = sys.argv[1:5]
 t0 = time.time()
@@ -97,7 +97,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO / "tests"))  # tests/tiny_continual.py
 
     from tiny_continual import make_tokenizer
-    from corpus import sources
+    from demo import sources
     from workflows.evaluate import available_ram, checkpoint_params
 
     work = Path(args.work)

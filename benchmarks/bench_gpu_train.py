@@ -48,7 +48,7 @@ def prepare(out: Path) -> None:
     sys.path.insert(0, str(ROOT / "tests"))  # tests/tiny_continual.py
 
     from tiny_continual import make_blocks
-    from corpus import sources
+    from demo import sources
 
     tok = LlamaTokenizerFast(vocab_file=str(sources.base_tokenizer_model()), legacy=False)
     counts = collections.Counter()
@@ -69,7 +69,7 @@ def build_model(base: Path, vocab: int, layers: int = 2) -> None:
     from safetensors.torch import save_file
 
     from common.checkpoint import write_index
-    from common.tiny import tiny_mixtral_config
+    from demo.tiny import tiny_mixtral_config
 
     h, inter, E, kv = 4096, 14336, 8, 1024
     cfg = tiny_mixtral_config(vocab_size=vocab, hidden=h, layers=layers, experts=E, intermediate=inter, heads=32,

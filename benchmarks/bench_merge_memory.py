@@ -33,7 +33,7 @@ def build(work: Path, layers: int, hidden: int, inter: int, vocab: int, experts:
     from safetensors.torch import save_file
 
     from common.checkpoint import write_index
-    from common.tiny import tiny_mixtral_config
+    from demo.tiny import tiny_mixtral_config
 
     base = work / "base"
     base.mkdir(parents=True, exist_ok=True)

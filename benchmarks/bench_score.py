@@ -21,7 +21,7 @@ from analysis.alp import sample_lines  # noqa: E402
 from analysis.nested import ModelInfo, truncate_merges  # noqa: E402
 from analysis.score import Sample, ScoreConfig, read_candidates, score_rows  # noqa: E402
 from common.tokenizer_files import load_model_proto  # noqa: E402
-from corpus import sources  # noqa: E402
+from demo import sources  # noqa: E402
 
 SCRATCH = Path("/tmp/analysis/bench_score")
 

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.bytelevel import load_bytelevel  # noqa: E402
 from common.gguf_vocab import is_gguf_file  # noqa: E402
 from common.scripts import ScriptFilter  # noqa: E402
-from corpus import sources  # noqa: E402
+from demo import sources  # noqa: E402
 from vocab.bytelevel import extended_json, plan_extension, unreachable  # noqa: E402
 from vocab.check import CheckConfig, check_tokenizer  # noqa: E402
 from vocab.merge import VocabMergeConfig, merge_into_base  # noqa: E402

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from corpus.sources import people_daily_lines, review_lines, write_jsonl  # noqa: E402
+from demo.sources import people_daily_lines, review_lines, write_jsonl  # noqa: E402
 from vocab.grid import parse_chars, parse_sizes  # noqa: E402
 from vocab.sample import sample_lines  # noqa: E402
 from vocab.train import VocabTrainConfig, train_bpe, train_candidates  # noqa: E402

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.tokenizer_files import load_model_proto, load_sentencepiece, sentencepiece_to_fast  # noqa: E402
-from corpus import sources  # noqa: E402
+from demo import sources  # noqa: E402
 from vocab.check import CheckConfig, check_tokenizer  # noqa: E402
 from vocab.merge import VocabMergeConfig, merge_into_base, reachability_failures  # noqa: E402
 from vocab.train import VocabTrainConfig, train_candidates  # noqa: E402

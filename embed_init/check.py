@@ -20,7 +20,7 @@ from embed_init.tokens import load_pieces
 
 def _same_text(old_tok, new_tok, max_tokens: int) -> list[int]:
     """Old-tokenizer ids of sample text that the new tokenizer encodes the same way (up to max_tokens)."""
-    from corpus.sources import english_paragraphs
+    from corpus.texts import english_paragraphs
 
     ids: list[int] = []
     for text in english_paragraphs():

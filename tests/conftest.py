@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from corpus import sources  # noqa: E402
+from demo import sources  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import sentencepiece as spm
 from analysis.audit import AuditConfig, audit_tables
 from common.errors import GraftError
 from common.tokenizer_files import load_fast_tokenizer
-from corpus.sources import write_jsonl
+from demo.sources import write_jsonl
 from workflows.cli import main as graft_main
 
 

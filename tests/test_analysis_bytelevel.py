@@ -11,7 +11,7 @@ from analysis.nested_bytelevel import _counts, candidate_tokenizer, nested_count
 from analysis.pick import PickConfig, pick
 from analysis.score import ScoreConfig, score_candidates
 from common.bytelevel import load_bytelevel
-from corpus.sources import write_jsonl
+from demo.sources import write_jsonl
 from vocab.bytelevel_stages import load_candidate
 
 

@@ -22,7 +22,7 @@ from analysis.pick import PickConfig, pick
 from analysis.score import ScoreConfig, read_candidates, score_candidates, score_rows, read_sample
 from common.errors import GraftError
 from common.tokenizer_files import load_model_proto
-from corpus.sources import write_jsonl
+from demo.sources import write_jsonl
 from workflows.cli import main as graft_main
 
 

@@ -15,7 +15,7 @@ def test_demo_eval_is_the_eval_stages_bpb_plus_masses(base_model_path, news_line
     from transformers import MixtralForCausalLM
 
     from bench_embed_quality import demo_eval
-    from common.tiny import tiny_mixtral_config
+    from demo.tiny import tiny_mixtral_config
     from common.tokenizer_files import load_fast_tokenizer
     from workflows.evaluate import bits_per_byte
 

@@ -105,7 +105,7 @@ def test_convert_rejects_a_file_that_is_not_tekken(tmp_path):
 
 
 def test_family_detection(tmp_path, tekken_path, base_model_path, english_paragraphs):
-    from common.tiny import save_tiny_bytelevel_tokenizer
+    from demo.tiny import save_tiny_bytelevel_tokenizer
 
     assert tokenizer_family(base_model_path) == "sentencepiece"
     assert tokenizer_family(tekken_path) == "bytelevel"

@@ -5,7 +5,7 @@ import pytest
 from common.errors import GraftError
 from common.io import atomic_path, atomic_write_json, is_complete, read_manifest, write_manifest
 from corpus.readers import RejectLog, iter_texts
-from corpus import sources
+from demo import sources
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):

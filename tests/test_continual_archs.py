@@ -55,7 +55,7 @@ def _expected_sources(base_model_path, tok_dir) -> list[list[int]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", E2E)
 def test_embed_train_resume_merge_eval(model_type, ws, tmp_path, base_model_path, news_lines):
-    from common.tiny import save_tiny_model
+    from demo.tiny import save_tiny_model
     from continual.config import MergeConfig
     from continual.merge import merge_adapter
     from embed_init.config import EmbedInitConfig
@@ -121,7 +121,7 @@ def test_embed_train_resume_merge_eval(model_type, ws, tmp_path, base_model_path
     assert (ours - ref).abs().max().item() <= 1e-5 and (ours - before).abs().max().item() > 1e-2
 
     # ---- eval (NF4 load, the architecture's skips): the trained model scores better on held-out news
-    from corpus import sources
+    from demo import sources
     from common.io import read_manifest
     from workflows.evaluate import EvalConfig, evaluate_models
 
@@ -140,7 +140,7 @@ def test_table_fits_each_architecture_and_its_4bit_split(tmp_path):
     from transformers import AutoModelForCausalLM
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
 
-    from common.tiny import save_tiny_model, tiny_config
+    from demo.tiny import save_tiny_model, tiny_config
     from continual import model as M
 
     for model_type, arch in A.ARCHS.items():
@@ -163,7 +163,7 @@ def test_unknown_architecture_and_targets_that_match_nothing(ws, tmp_path):
     error listing its linear layers; Mixtral's names on a dense Llama: an error, never an empty run."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from common.tiny import save_tiny_model
+    from demo.tiny import save_tiny_model
 
     d = tmp_path / "granite"
     cfg = AutoConfig.for_model("granitemoe", vocab_size=_vocab(ws), hidden_size=32, intermediate_size=64,

@@ -85,7 +85,7 @@ def _plain_peft_copy(adapter, dest):
 def test_adapter_for_another_vocabulary(ws, full_adapter, tmp_path):
     rows = json.loads((full_adapter / "graft_adapter.json").read_text())["vocab_size"]
     # a base with the original 32,000-row vocabulary (the adapter was trained on the grown one)
-    from common.tiny import save_tiny_mixtral
+    from demo.tiny import save_tiny_mixtral
 
     small = save_tiny_mixtral(tmp_path / "small", vocab_size=32000)
     with pytest.raises(GraftError, match=rf"trained for a vocabulary of {rows} rows, the base .* has 32000"):

@@ -170,7 +170,7 @@ def test_cli_flags_override_toml(tmp_path):
 # ---- bad input: each gets a clear error naming the file and the fix ----
 
 def test_tokenizer_size_mismatch(ws, tmp_path):
-    from common.tiny import save_tiny_mixtral
+    from demo.tiny import save_tiny_mixtral
 
     base = save_tiny_mixtral(tmp_path / "base32000", vocab_size=32000)  # the base before `graft embed init`
     with pytest.raises(GraftError, match=r"tok: the tokenizer has 320\d\d tokens but the model .* has 32000 "
@@ -229,7 +229,7 @@ def test_most_parameters_of_a_full_width_mixtral_layer_are_4bit():
     from transformers import AutoModelForCausalLM
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
 
-    from common.tiny import tiny_mixtral_config
+    from demo.tiny import tiny_mixtral_config
 
     cfg = tiny_mixtral_config(vocab_size=32000, hidden=4096, layers=1, experts=8, intermediate=14336, heads=32,
                               kv_heads=8)
@@ -248,7 +248,7 @@ def test_most_parameters_of_a_full_width_mixtral_layer_are_4bit():
 
 def test_trains_on_a_corpus_prepare_folder(ws, tmp_path):
     """The real interface between the stages: blocks written by `graft corpus prepare`, read via load_blocks."""
-    from corpus import sources
+    from demo import sources
     from corpus.blocks import load_blocks
     from corpus.prepare import PrepareConfig, prepare
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from common.errors import GraftError
-from corpus import sources
+from demo import sources
 from corpus.blocks import load_blocks
 from corpus.prepare import PrepareConfig, prepare
 from corpus.shard import split_key, split_of

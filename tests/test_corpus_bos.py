@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from common.errors import GraftError
-from corpus import sources
+from demo import sources
 from corpus.blocks import corpus_bos, load_blocks
 from corpus.prepare import PrepareConfig, prepare
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from common.errors import GraftError
-from corpus import sources
+from demo import sources
 from corpus.blocks import load_blocks
 from corpus.count import CountConfig, count
 from corpus.prepare import PrepareConfig, prepare

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from common.errors import GraftError
-from corpus import sources
+from demo import sources
 from corpus.blocks import load_blocks
 from corpus.mix import MixConfig, mix, mixture_indices, parse_spec, source_draws
 from corpus.prepare import PrepareConfig, prepare

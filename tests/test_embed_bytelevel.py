@@ -10,8 +10,8 @@ import torch
 from common.bytelevel import from_bytelevel, load_bytelevel, to_bytelevel
 from common.checkpoint import open_checkpoint
 from common.io import read_manifest
-from common.tiny import save_tiny_mistral
-from corpus.sources import write_jsonl
+from demo.tiny import save_tiny_mistral
+from demo.sources import write_jsonl
 from embed_init.check import check_grown
 from embed_init.config import EmbedCheckConfig, EmbedInitConfig
 from embed_init.grow import grow_embeddings

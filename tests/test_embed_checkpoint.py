@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from common.checkpoint import (INDEX_FILE, TensorPlan, copy_side_files, open_checkpoint, read_shard_header,
                                rewrite_checkpoint, tensor_writer, tensors_equal_bytes, write_shard)
 from common.errors import GraftError
-from common.tiny import save_tiny_mixtral
+from demo.tiny import save_tiny_mixtral
 
 
 def test_write_shard_roundtrip_all_dtypes(tmp_path):

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from common.checkpoint import INDEX_FILE, open_checkpoint, read_shard_header
 from common.errors import GraftError
 from common.io import file_sha256, read_manifest
-from common.tiny import save_tiny_llama_tied, save_tiny_mixtral
+from demo.tiny import save_tiny_llama_tied, save_tiny_mixtral
 from common.tokenizer_files import load_model_proto, sentencepiece_to_fast
 from embed_init import grow as grow_mod
 from embed_init.check import check_grown

@@ -16,7 +16,7 @@ import torch
 from common.checkpoint import open_checkpoint
 from common.errors import GraftError
 from common.io import read_manifest
-from common.tiny import save_tiny_llama_tied
+from demo.tiny import save_tiny_llama_tied
 from embed_init.config import EmbedInitConfig
 from embed_init.grow import PAD_SCALE, grow_embeddings, write_tokenizer
 from test_embed_init import _extend_model, expected_sources
@@ -28,7 +28,7 @@ EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, base_model_path, news_lines):
-    from common.tiny import save_tiny_mixtral
+    from demo.tiny import save_tiny_mixtral
     from common.tokenizer_files import load_model_proto
 
     d = tmp_path_factory.mktemp("methods")

@@ -5,8 +5,8 @@ import torch
 
 from common.checkpoint import open_checkpoint
 from common.io import read_manifest
-from common.tiny import save_tiny_mixtral
-from corpus.sources import write_jsonl
+from demo.tiny import save_tiny_mixtral
+from demo.sources import write_jsonl
 from embed_init.check import check_grown
 from embed_init.config import EmbedCheckConfig, EmbedInitConfig
 from embed_init.grow import grow_embeddings

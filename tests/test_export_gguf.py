@@ -153,7 +153,7 @@ def test_padded_rows_become_unused_tokens(ws, src, f32):
 # ---------------------------------------------------------------- checked by llama.cpp itself
 
 def _held_out() -> list[str]:
-    from corpus import sources
+    from demo import sources
 
     zh = [t for t in sources.people_daily_lines()[TRAIN_LINES:TRAIN_LINES + 150]]
     en = [t for t in sources.english_paragraphs()[-60:]]
@@ -166,8 +166,8 @@ def _differences(llama, encode, lines) -> list[int]:
 
 def _base_checkpoint(tmp: Path) -> Path:
     """The unextended base as users have it: the tiny Mixtral with Mixtral's own tokenizer files."""
-    from common.tiny import save_tiny_mixtral
-    from corpus import sources
+    from demo.tiny import save_tiny_mixtral
+    from demo import sources
     from embed_init.grow import write_tokenizer
 
     out = save_tiny_mixtral(tmp / "base")

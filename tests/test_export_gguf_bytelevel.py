@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import GraftError
-from corpus.sources import write_jsonl
+from demo.sources import write_jsonl
 from export import llama_cpp
 from export.config import GgufConfig
 from export.gguf import export_gguf

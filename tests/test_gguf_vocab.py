@@ -13,7 +13,7 @@ import pytest
 from common.bytelevel import load_bytelevel, tokenizer_family
 from common.errors import GraftError
 from common.gguf_vocab import gguf_to_tokenizer, read_vocab_tests
-from corpus.sources import write_jsonl
+from demo.sources import write_jsonl
 from export import llama_cpp
 from vocab.bytelevel_stages import ConvertConfig, convert_base
 from vocab.check import CheckConfig, check_tokenizer

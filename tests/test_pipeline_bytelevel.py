@@ -6,8 +6,8 @@ import json
 
 import torch
 
-from common.tiny import save_tiny_mistral
-from corpus import sources
+from demo.tiny import save_tiny_mistral
+from demo import sources
 
 DENSE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

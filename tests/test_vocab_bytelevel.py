@@ -10,7 +10,7 @@ import pytest
 from common.bytelevel import from_bytelevel, load_bytelevel, to_bytelevel
 from common.errors import GraftError
 from common.scripts import ScriptFilter
-from corpus.sources import write_jsonl
+from demo.sources import write_jsonl
 from vocab.bytelevel import TargetSafety
 from vocab.check import CheckConfig, check_tokenizer
 from vocab.merge import VocabMergeConfig, merge_into_base
@@ -32,7 +32,7 @@ def corpora(tmp_path_factory, news_lines, english_paragraphs):
 
 @pytest.fixture(scope="module")
 def tiny_bases(tmp_path_factory, english_paragraphs):
-    from common.tiny import save_tiny_bytelevel_tokenizer
+    from demo.tiny import save_tiny_bytelevel_tokenizer
 
     d = tmp_path_factory.mktemp("bl_bases")
     return {style: save_tiny_bytelevel_tokenizer(d / style, english_paragraphs[:2000], vocab_size=1500, style=style)

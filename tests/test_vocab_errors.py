@@ -9,7 +9,7 @@ import pytest
 
 from common.errors import GraftError
 from common.tokenizer_files import load_fast_tokenizer, load_model_proto, load_sentencepiece
-from corpus.sources import write_jsonl
+from demo.sources import write_jsonl
 from vocab.grid import parse_chars, parse_sizes
 from vocab.merge import VocabMergeConfig, merge_into_base
 from vocab.train import VocabTrainConfig, train_bpe, train_candidates

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from common.tokenizer_files import load_fast_tokenizer, load_model_proto, load_sentencepiece
-from corpus.sources import write_jsonl
+from demo.sources import write_jsonl
 from vocab.check import PROBES, CheckConfig, check_tokenizer, run_check
 from vocab.merge import VocabMergeConfig, merge_into_base, reachability_failures
 from common.scripts import ScriptFilter

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from common.tokenizer_files import load_model_proto, load_sentencepiece
-from corpus.sources import write_jsonl
+from demo.sources import write_jsonl
 from vocab.sample import sample_lines
 from vocab.train import RESERVED, VocabTrainConfig, count_chars, top_chars, train_bpe, train_candidates
 from workflows.cli import main

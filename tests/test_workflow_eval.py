@@ -11,7 +11,7 @@ import torch
 def tiny(base_model_path):
     from transformers import MixtralForCausalLM
 
-    from common.tiny import tiny_mixtral_config
+    from demo.tiny import tiny_mixtral_config
     from common.tokenizer_files import load_fast_tokenizer
 
     torch.manual_seed(0)
@@ -83,7 +83,7 @@ def ws(tmp_path_factory):
 def _one_document_corpus(tmp_path, ws, doc: str, bos: bool):
     """A dev corpus holding `doc` as exactly one block ([BOS] ids EOS), and a train corpus of the same block size."""
     from common.tokenizer_files import load_fast_tokenizer
-    from corpus import sources
+    from demo import sources
     from corpus.blocks import load_blocks
     from corpus.prepare import PrepareConfig, prepare
 
@@ -111,7 +111,7 @@ def test_train_time_eval_and_eval_stage_give_the_same_bits_per_byte(ws, tmp_path
     from common.io import read_manifest
     from tiny_continual import tiny_train_config
     from continual.train import train
-    from corpus import sources
+    from demo import sources
     from workflows.evaluate import EvalConfig, evaluate_models
 
     doc = sources.people_daily_lines()[7] + " " + sources.english_paragraphs()[3][:200]
@@ -178,7 +178,7 @@ def test_bits_per_byte_predicts_eos_after_each_document(tiny, news_lines):
 
 @pytest.fixture(scope="module")
 def small_ckpt(tmp_path_factory):
-    from common.tiny import save_tiny_mixtral
+    from demo.tiny import save_tiny_mixtral
 
     out = tmp_path_factory.mktemp("ckpt")
     save_tiny_mixtral(out)
@@ -254,7 +254,7 @@ def test_eval_stage_loads_nf4_when_full_precision_does_not_fit(small_ckpt, tmp_p
 
     import continual.model as M
     from common.io import read_manifest
-    from corpus import sources
+    from demo import sources
     from tiny_continual import make_tokenizer
     from workflows.evaluate import EvalConfig, evaluate_models, plan_load
 

@@ -30,7 +30,7 @@ def test_nemo_auto_targets_are_the_dense_layers(tmp_path):
     loss, and only lm_head out of 4-bit."""
     from transformers import MistralConfig
 
-    from common.tiny import save_tiny_mistral
+    from demo.tiny import save_tiny_mistral
     from continual import arch as A
     from continual.model import lora_targets, read_model_config
 
@@ -41,8 +41,8 @@ def test_nemo_auto_targets_are_the_dense_layers(tmp_path):
 
 
 def test_byte_level_stages_run_as_a_workflow(tmp_path, tekken_path):
-    from common.tiny import save_tiny_mistral
-    from corpus.sources import write_demo_corpora
+    from demo.tiny import save_tiny_mistral
+    from demo.sources import write_demo_corpora
     from workflows.engine import run_workflow
 
     data = write_demo_corpora(tmp_path / "data")

@@ -2,7 +2,7 @@
 
 - a tokenizer folder: Mixtral's real tokenizer (+ optionally the most frequent Chinese bigrams of the
   People's Daily text as added tokens, standing in for a grown vocabulary);
-- a tiny Mixtral whose embeddings match it (common.tiny);
+- a tiny Mixtral whose embeddings match it (demo.tiny);
 - train/dev blocks: real Chinese + English text tokenized with that tokenizer, packed into
   fixed-length blocks, saved as `datasets` folders `<dir>/train` and `<dir>/dev`.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 def make_tokenizer(out: str | Path, n_added: int = 0) -> Path:
     from transformers import LlamaTokenizerFast
 
-    from corpus import sources
+    from demo import sources
 
     tok = LlamaTokenizerFast(vocab_file=str(sources.base_tokenizer_model()), legacy=False)
     if n_added:
@@ -50,7 +50,7 @@ def make_blocks(out: str | Path, tokenizer_dir: str | Path, block_len: int = 32,
     import datasets
     from transformers import AutoTokenizer
 
-    from corpus import sources
+    from demo import sources
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     news, en = sources.people_daily_lines(), sources.english_paragraphs()
@@ -72,7 +72,7 @@ def make_tiny_base(out: str | Path, tokenizer_dir: str | Path, old_vocab_size: i
 
     from transformers import AutoTokenizer
 
-    from common.tiny import save_tiny_mixtral
+    from demo.tiny import save_tiny_mixtral
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     save_tiny_mixtral(out, vocab_size=len(tok), **kw)

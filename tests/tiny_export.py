@@ -13,12 +13,12 @@ TRAIN_LINES = 3000  # People's Daily lines the vocabulary is trained on; later l
 
 def grafted_mixtral(root: str | Path) -> dict[str, Path]:
     """{"tok", "base", "grown", "merged"} under `root`; built once (later calls reuse it)."""
-    from common.tiny import save_tiny_mixtral
+    from demo.tiny import save_tiny_mixtral
     from continual.config import MergeConfig as AdapterMergeConfig
     from continual.merge import merge_adapter
     from tiny_continual import make_blocks, tiny_train_config
     from continual.train import train
-    from corpus import sources
+    from demo import sources
     from embed_init.config import EmbedInitConfig
     from embed_init.grow import grow_embeddings
     from vocab.merge import VocabMergeConfig, merge_into_base

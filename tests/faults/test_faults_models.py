@@ -39,7 +39,7 @@ def _refused(base, adapter, out, **kw) -> str:
 
 @pytest.mark.fault("plain peft adapter, other base", "error")
 def test_plain_adapter_trained_on_another_base_of_the_same_shapes_is_refused(tmp_path, tiny_model, adapter):
-    from common.tiny import save_tiny_mixtral
+    from demo.tiny import save_tiny_mixtral
 
     other = save_tiny_mixtral(tmp_path / "other", seed=1, hidden=16, intermediate=32, max_shard_size="600KB")
     assert _refused(other, adapter, tmp_path / "m") == (

