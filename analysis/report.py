@@ -2,7 +2,7 @@
 
 It reads only what the stages wrote (manifest.json, scores.json, audit.json, metrics.csv,
 bpb.json, PNGs); the only model it loads is the merged checkpoint, to show a generated sample. It is
-loaded the way the eval stage loads models (workflows.evaluate.plan_load: in `dtype` when it fits the
+loaded the way the eval stage loads models (continual.load.plan_load: in `dtype` when it fits the
 GPUs or half the free RAM, else NF4 4-bit as training did); when neither fits (Mixtral-8x7B on a
 CPU-only machine), the sample is skipped and the report says so, with the sizes and the rule. Each
 section appears when its folder is given; a folder that is given but unfinished is an error naming it.
@@ -52,12 +52,10 @@ class ReportConfig:
     overwrite: bool = overwrite_field()
 
     def __post_init__(self) -> None:  # bad values fail when the workflow is read, not after training
-        from workflows.evaluate import check_load_settings
-
         from common.validate import check_ranges
+        from continual.load import DTYPES, LOADS
 
-        check_load_settings(self.load, self.dtype)
-        check_ranges(self, {"max_new_tokens": ">=0"})
+        check_ranges(self, {"max_new_tokens": ">=0"}, choices={"load": LOADS, "dtype": DTYPES})
 
 
 # ---------------------------------------------------------------- inputs
@@ -265,7 +263,7 @@ def _layout_words(bos: bool | None) -> str:
 
 def _merged(doc: Doc, cfg: ReportConfig, summary: list[str]) -> dict[str, Any]:
     from analysis.sample import generate_samples
-    from workflows.evaluate import plan_load
+    from continual.load import plan_load
 
     _finished(cfg.merged, "merge")
     path = Path(cfg.merged).resolve()

@@ -1,5 +1,5 @@
 """A generated sample from a merged checkpoint (the report's last section), loaded the way the eval stage loads
-models (workflows.evaluate.plan_load / load_model)."""
+models (continual.load.plan_load / load_model)."""
 from __future__ import annotations
 
 from typing import Any
@@ -11,7 +11,7 @@ def generate_samples(plan, prompts: list[str], max_new_tokens: int, seed: int) -
     import torch
     from transformers import AutoTokenizer
 
-    from workflows.evaluate import load_model
+    from continual.load import load_model
 
     model = load_model(plan)
     tok = AutoTokenizer.from_pretrained(plan.folder)

@@ -98,7 +98,7 @@ def main() -> None:
 
     from tiny_continual import make_tokenizer
     from demo import sources
-    from workflows.evaluate import available_ram, checkpoint_params
+    from continual.load import available_ram, checkpoint_params
 
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)

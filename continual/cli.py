@@ -65,10 +65,9 @@ def _run_train(arg) -> None:
 
     if cfg.out:  # the re-run rule (common/rerun.py), on every process; settings only
         from common.rerun import check_finished_settings
-        from workflows.registry import resolve_kind
+        from continual.config import TRAIN_VOLATILE
 
-        check_finished_settings(cfg.out, cfg, stage="continual.train",
-                                volatile=resolve_kind("continual.train", "graft train").volatile)
+        check_finished_settings(cfg.out, cfg, stage="continual.train", volatile=TRAIN_VOLATILE)
     out = train(cfg)
     if os.environ.get("RANK", "0") != "0":  # one message per job, not per process
         return

@@ -25,6 +25,11 @@ def _h(text: str, **kw: Any) -> dict:
     return {"help": text, **kw}
 
 
+# Cadence of evaluation, logging and checkpoints: changing one must never clear (and so delete the checkpoints
+# of) an interrupted multi-day run; `graft train` and the workflow's continual.train stage both leave them out
+# of the settings a finished or interrupted output is compared on (common/rerun.py).
+TRAIN_VOLATILE = ("save_every", "keep_checkpoints", "resume", "eval_every", "eval_blocks", "log_every")
+
 # Allowed words of TrainConfig's and MergeConfig's choice fields (common/validate.py words the error).
 TRAIN_CHOICES = {
     "embeddings": EMBEDDING_MODES, "compute_dtype": ("auto", "bfloat16", "float32"),

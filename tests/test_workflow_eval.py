@@ -186,10 +186,10 @@ def small_ckpt(tmp_path_factory):
 
 
 def _budget(monkeypatch, ram: int, gpus: list[int] | None = None):
-    import workflows.evaluate as E
+    import continual.load as L
 
-    monkeypatch.setattr(E, "available_ram", lambda: ram)
-    monkeypatch.setattr(E, "free_gpu_memory", lambda: list(gpus or []))
+    monkeypatch.setattr(L, "available_ram", lambda: ram)
+    monkeypatch.setattr(L, "free_gpu_memory", lambda: list(gpus or []))
 
 
 def test_checkpoint_params_counts_what_nf4_quantizes(small_ckpt):
@@ -197,7 +197,7 @@ def test_checkpoint_params_counts_what_nf4_quantizes(small_ckpt):
     from transformers import AutoModelForCausalLM
 
     from continual.model import load_base_4bit
-    from workflows.evaluate import checkpoint_params
+    from continual.load import checkpoint_params
 
     n = checkpoint_params(small_ckpt)
     full = AutoModelForCausalLM.from_pretrained(str(small_ckpt))
@@ -209,7 +209,7 @@ def test_checkpoint_params_counts_what_nf4_quantizes(small_ckpt):
 
 def test_load_rule_full_then_nf4_then_error(small_ckpt, monkeypatch):
     from common.errors import GraftError
-    from workflows.evaluate import checkpoint_params, plan_load
+    from continual.load import checkpoint_params, plan_load
 
     n = checkpoint_params(small_ckpt)
     full_fp32 = n["total"] * 4
@@ -241,9 +241,9 @@ def test_bad_load_settings_fail_when_the_config_is_built():
     from common.errors import GraftError
     from workflows.evaluate import EvalConfig
 
-    with pytest.raises(GraftError, match=r"load = 'nf5'.*Fix: use one of auto, full, nf4"):
+    with pytest.raises(GraftError, match=r"`load` \(--load\) = 'nf5' is not one of auto, full, nf4"):
         EvalConfig(models=["m"], labels=["m"], dev=["d"], out="o", load="nf5")
-    with pytest.raises(GraftError, match=r"dtype = 'bf16'.*Fix: use one of auto, float32, bfloat16, float16"):
+    with pytest.raises(GraftError, match=r"`dtype` \(--dtype\) = 'bf16' is not one of auto, float32, bfloat16, float16"):
         ReportConfig(out="o", dtype="bf16")
 
 
@@ -256,7 +256,8 @@ def test_eval_stage_loads_nf4_when_full_precision_does_not_fit(small_ckpt, tmp_p
     from common.io import read_manifest
     from demo import sources
     from tiny_continual import make_tokenizer
-    from workflows.evaluate import EvalConfig, evaluate_models, plan_load
+    from continual.load import plan_load
+    from workflows.evaluate import EvalConfig, evaluate_models
 
     make_tokenizer(small_ckpt)
     _budget(monkeypatch, ram=2 * plan_load(small_ckpt, load="nf4").need["nf4"] + 2)  # nf4 fits, fp32 does not

@@ -10,14 +10,13 @@ every text token and the closing EOS are predicted exactly once, in windows of `
 each window begins with the last token of the previous one. So a dev block that holds one whole
 document gives the same bits per byte here as in the trainer's dev eval (tests/test_workflow_eval.py).
 
-Loading (`load`, see `plan_load`): the model in `dtype` when it fits the memory at hand (GPUs with
+Loading (`load`, see continual/load.py): the model in `dtype` when it fits the memory at hand (GPUs with
 device_map "auto", else half of the free RAM), else NF4 4-bit exactly as training loads its base
 (continual.model.load_base_4bit), else an error; never a whole full-precision model that does not fit.
 """
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,153 +26,7 @@ from common.errors import GraftError, input_error
 from common.io import atomic_path, atomic_write_json, write_manifest
 from common.rerun import guard, listed, overwrite_field
 
-LOADS = ("auto", "full", "nf4")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_BOS = True  # corpus prepare's default; used when no corpus folder says otherwise
-CPU_SHARE = 0.5     # a model loaded on CPU may take at most this share of the available RAM
-GPU_SHARE = 0.9     # ... on GPUs, this share of their free memory (the rest: activations, CUDA context)
-NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit weights + 8-bit absmax per 64 + fp32 per 256 absmax
-
-
-# ---------------------------------------------------------------- fitting a checkpoint to the machine
-
-def checkpoint_params(folder: str | Path) -> dict[str, int]:
-    """Parameters of a safetensors checkpoint read from its headers (no tensor data is read): `total`,
-    and `quantized`, those NF4 loading puts in 4-bit (2-D Linear weights except routers, gates and lm_head)."""
-    from common.checkpoint import open_checkpoint
-    from continual.arch import skip_modules
-
-    ckpt = open_checkpoint(folder)
-    skip = skip_modules(ckpt.config)
-    total = quantized = 0
-    for h in ckpt.headers.values():
-        for name, info in h.tensors.items():
-            n = math.prod(info.shape)
-            total += n
-            parts = name.split(".")
-            if (len(info.shape) == 2 and name.endswith(".weight") and "embed_tokens" not in parts
-                    and not any(s in parts for s in skip)):
-                quantized += n
-    return {"total": total, "quantized": quantized}
-
-
-def available_ram() -> int:
-    """Bytes of RAM this process can still use: MemAvailable, capped by a cgroup (v2) memory limit."""
-    avail = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    if avail is None:
-        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    try:
-        limit = open("/sys/fs/cgroup/memory.max").read().strip()
-        if limit != "max":
-            used = int(open("/sys/fs/cgroup/memory.current").read())
-            avail = min(avail, int(limit) - used)
-    except (OSError, ValueError):
-        pass
-    return max(0, avail)
-
-
-def free_gpu_memory() -> list[int]:
-    """Free bytes per visible GPU (empty without CUDA)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return []
-    return [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
-
-
-@dataclass
-class LoadPlan:
-    """How one checkpoint is loaded: `mode` full (`dtype` weights) or nf4, where, and the figures behind it."""
-
-    folder: str
-    mode: str                 # "full" | "nf4"
-    dtype: str                # weights (full) or compute dtype (nf4)
-    device: str               # "cuda" | "cpu"
-    device_map: str | None
-    params: int
-    need: dict[str, int]      # estimated bytes per mode: {"full": ..., "nf4": ...}
-    budget: int               # bytes the rule allows
-    rule: str                 # the rule, in words, with the figures
-
-    def describe(self) -> str:
-        what = f"NF4 4-bit (compute {self.dtype})" if self.mode == "nf4" else self.dtype
-        return f"{what} on {self.device}" + (f", device_map {self.device_map}" if self.device_map else "")
-
-
-def _count(n: int) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
-
-
-def _gb(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
-def check_load_settings(load: str, dtype: str, key: str = "load") -> None:
-    if load not in LOADS:
-        raise GraftError(f"{key} = {load!r}. Fix: use one of {', '.join(LOADS)}")
-    if dtype not in DTYPES:
-        raise GraftError(f"dtype = {dtype!r}. Fix: use one of {', '.join(DTYPES)}")
-
-
-def plan_load(folder: str | Path, load: str = "auto", dtype: str = "auto", device_map: str = "",
-              key: str = "load") -> LoadPlan:
-    """Decide how to load `folder` so that it fits this machine (see the module docstring).
-
-    `auto`: `full` when the model in `dtype` fits the budget (GPUs: 90% of their free memory, spread
-    with device_map "auto"; no GPU: half of the available RAM), else `nf4` when that fits, else a
-    GraftError naming the folder, the sizes and the fix. `full`/`nf4` force a mode (no size check).
-    """
-    check_load_settings(load, dtype, key)
-    gpus = free_gpu_memory()
-    device = "cuda" if gpus else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if gpus else "float32"
-    n = checkpoint_params(folder)
-    width = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
-    need = {"full": n["total"] * width,
-            "nf4": round(n["quantized"] * NF4_BYTES_PER_PARAM + (n["total"] - n["quantized"]) * width)}
-    if gpus:
-        budget = int(GPU_SHARE * sum(gpus))
-        rule = (f"{GPU_SHARE:.0%} of the free memory of {len(gpus)} GPU(s), {_gb(budget)}, against "
-                f"~{_gb(need['full'])} in {dtype} or ~{_gb(need['nf4'])} in NF4")
-    else:
-        ram = available_ram()
-        budget = int(CPU_SHARE * ram)
-        rule = (f"no GPU: at most {CPU_SHARE:.0%} of the available RAM ({_gb(ram)}), {_gb(budget)}, against "
-                f"~{_gb(need['full'])} in {dtype} or ~{_gb(need['nf4'])} in NF4")
-    if load == "auto":
-        fits = [m for m in ("full", "nf4") if need[m] <= budget]
-        if not fits:
-            raise GraftError(f"{folder}: the model ({_count(n['total'])} parameters) does not fit this machine "
-                             f"({rule}). Fix: run this stage where it fits (a GPU node), or force `{key} = \"nf4\"` "
-                             f"or `{key} = \"full\"` in its config to try anyway")
-        load = fits[0]
-    dm = device_map or ("auto" if gpus else None)
-    return LoadPlan(str(folder), load, dtype, device, dm, n["total"], need, budget, rule)
-
-
-def load_model(plan: LoadPlan):
-    """Load the checkpoint as `plan` says (NF4 through continual.model.load_base_4bit, as training does)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from continual import model as M
-
-    dtype = M.torch_dtype(plan.dtype)
-    if plan.mode == "nf4":
-        return M.load_base_4bit(plan.folder, dtype, device_map=plan.device_map or None)
-    kw = {"device_map": plan.device_map} if plan.device_map else {}
-    model = AutoModelForCausalLM.from_pretrained(plan.folder, dtype=dtype, low_cpu_mem_usage=True, **kw)
-    if not plan.device_map and plan.device == "cuda":
-        model.to("cuda")
-    return model
 
 
 def corpus_bos(corpus: str) -> bool:
@@ -260,7 +113,7 @@ class EvalConfig:
     out: str = field(metadata={"help": "output folder: bpb.json + manifest.json"})
     corpus: str = field(default="", metadata={"help": "`corpus prepare`/`mix` (or train) folder of the training "
                                                      "data: its manifest's `bos` decides how documents start "
-                                                     f"('' = BOS, prepare's default)"})
+                                                     "('' = BOS, prepare's default)"})
     max_len: int = field(default=256, metadata={"help": "tokens per evaluation window"})
     max_docs: int = field(default=0, metadata={"help": "documents per dev file (0 = all)"})
     batch_size: int = field(default=8, metadata={"help": "windows per forward pass"})
@@ -275,9 +128,10 @@ class EvalConfig:
 
     def __post_init__(self) -> None:  # bad values fail when the workflow is read, not after training
         from common.validate import check_ranges
+        from continual.load import DTYPES, LOADS
 
-        check_load_settings(self.load, self.dtype)
-        check_ranges(self, {"max_len": ">=1", "max_docs": ">=0", "batch_size": ">=1"})
+        check_ranges(self, {"max_len": ">=1", "max_docs": ">=0", "batch_size": ">=1"},
+                     choices={"load": LOADS, "dtype": DTYPES})
 
 
 def evaluate_models(cfg: EvalConfig) -> Path:
@@ -293,6 +147,8 @@ def evaluate_models(cfg: EvalConfig) -> Path:
     for folder in cfg.models:
         if not (Path(folder) / "config.json").is_file():
             raise input_error(folder, "has no config.json (not a HF checkpoint)", "point models at checkpoint folders")
+    from continual.load import load_model, plan_load
+
     started = time.time()
     bos_setting = corpus_bos(cfg.corpus)
     plans = [plan_load(folder, cfg.load, cfg.dtype, cfg.device_map) for folder in cfg.models]  # all checked first

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from common.errors import GraftError
+from continual.config import TRAIN_VOLATILE  # light: no torch
 
 
 @dataclass(frozen=True)
@@ -90,10 +91,7 @@ _KINDS = [
     StageKind("corpus.mix", "corpus.mix:MixConfig", "corpus.mix:mix",
               summary="mix prepared datasets by token multiples"),
     StageKind("continual.train", "continual.config:TrainConfig", "continual.train:train", resumable=True,
-              summary="QLoRA continued pretraining",
-              # Cadence of evaluation, logging and checkpoints: changing one must never clear (and so
-              # delete the checkpoints of) an interrupted multi-day run.
-              volatile=("save_every", "keep_checkpoints", "resume", "eval_every", "eval_blocks", "log_every")),
+              summary="QLoRA continued pretraining", volatile=TRAIN_VOLATILE),  # logistics: never clears a run
     StageKind("continual.merge", "continual.config:MergeConfig", "continual.merge:merge_adapter",
               summary="merge the adapter into a full checkpoint, shard by shard"),
     StageKind("export.gguf", "export.config:GgufConfig", "export.gguf:export_gguf",
