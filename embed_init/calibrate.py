@@ -59,18 +59,27 @@ def calibration_windows(tok, files: list[str], max_tokens: int, max_len: int) ->
 def calibration_hidden(model_dir: str | Path, tokenizer_path: str | Path, files: list[str], max_tokens: int,
                        max_len: int = 256):
     """Final hidden states (the input of lm_head), fp32 (positions x hidden), of the base model over about
-    `max_tokens` tokens of `files` (calibration_windows; OLD tokenizer). The model is loaded once (its own
-    dtype; on the GPU when there is one) and freed."""
+    `max_tokens` tokens of `files` (calibration_windows; OLD tokenizer). The model is loaded once, the way the
+    eval stage loads one (continual.load: full precision where it fits, GPUs with a device map, else NF4;
+    never a whole model that does not fit), and freed."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from common.tokenizer_files import load_fast_tokenizer
+    from continual.load import load_model, plan_load
 
     windows = calibration_windows(load_fast_tokenizer(tokenizer_path), files, max_tokens, max_len)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", low_cpu_mem_usage=True).to(device)
+    from common.errors import GraftError
+
+    try:
+        plan = plan_load(model_dir)
+    except GraftError as e:  # its fix names the eval stage's `load`, which embed init has not
+        raise GraftError(str(e).split(". Fix:")[0] + ". Fix: run embed init where the model fits (a GPU node), "
+                         "or leave out --calibration (lm_head rows by the mean rule)") from None
+    print(f"  calibration: base model loaded {plan.describe()} ({plan.rule})")
+    model = load_model(plan)
     model.eval()
     decoder = model.get_decoder()  # the transformer without lm_head: its last_hidden_state is lm_head's input
+    device = model.get_input_embeddings().weight.device  # where a device map put the first layer
     got = []
     with torch.no_grad():
         for w in windows:

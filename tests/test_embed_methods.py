@@ -345,3 +345,38 @@ def test_calibrated_needs_calibration_text(work, base_model_path, tmp_path):
                                          r"--calibration FILE"):
         EmbedInitConfig(model="m", old_tokenizer="a", new_tokenizer="b", out=str(tmp_path / "o"),
                         output_method="calibrated")
+
+
+def test_calibration_loads_the_base_to_fit_the_machine(trained, news_lines, tmp_path, monkeypatch):
+    """The calibration hidden states come from the base loaded as the eval stage loads it (continual.load): NF4
+    when full precision does not fit, never a full-precision from_pretrained; an error naming embed init's own
+    fix when nothing fits, before any weights are read."""
+    import bitsandbytes as bnb
+    import transformers
+
+    import continual.load as L
+    from embed_init.calibrate import calibration_hidden
+
+    cal = [_write_jsonl(tmp_path / "zh.jsonl", news_lines[3001:3040])]
+    src = str(trained["src"])
+    full = calibration_hidden(src, src, cal, max_tokens=200)
+    nf4_need = L.plan_load(src, load="nf4").need["nf4"]
+    monkeypatch.setattr(L, "free_gpu_memory", lambda: [])
+    monkeypatch.setattr(L, "available_ram", lambda: 2 * nf4_need + 2)  # nf4 fits the half-of-RAM rule, fp32 not
+    real_load, quantized = transformers.AutoModelForCausalLM.from_pretrained, []
+
+    def only_quantized(*a, **kw):
+        assert "quantization_config" in kw, "full-precision from_pretrained called"
+        model = real_load(*a, **kw)
+        quantized.append(sum(isinstance(x, bnb.nn.Linear4bit) for x in model.modules()))
+        return model
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", only_quantized)
+    nf4 = calibration_hidden(src, src, cal, max_tokens=200)
+    assert quantized and quantized[0] > 0
+    assert nf4.shape == full.shape == (200, full.shape[1])
+    assert 0 < (nf4 - full).norm() < 0.5 * full.norm()  # the same positions, through 4-bit weights
+    monkeypatch.setattr(L, "available_ram", lambda: 1000)
+    with pytest.raises(GraftError, match=r"does not fit this machine .*Fix: run embed init where the model fits "
+                                         r"\(a GPU node\), or leave out --calibration"):
+        calibration_hidden(src, src, cal, max_tokens=200)
