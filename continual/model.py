@@ -125,11 +125,11 @@ def lora_targets(model_path: str | Path, targets: list[str]) -> list[str]:
 
 
 def check_target_modules(model, targets: list[str], model_path: str | Path) -> None:
-    """Every requested LoRA target must name at least one Linear of the model (peft only errs if none match)."""
+    """Every LoRA target (resolved by lora_targets) must name at least one Linear of the model (peft only errs if
+    none match)."""
     import torch
     import bitsandbytes as bnb
 
-    targets = lora_targets(model_path, targets)
     linear_names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
                            if isinstance(m, (torch.nn.Linear, bnb.nn.Linear4bit))})
     def matches(t: str, n: str) -> bool:
@@ -164,11 +164,12 @@ def load_base_4bit(model_dir: str | Path, compute_dtype, quant_storage: str = "u
     return model
 
 
-def add_adapters(model, cfg, vocab_size: int, new_rows_start: int | None):
+def add_adapters(model, cfg, vocab_size: int, new_rows_start: int | None, targets: list[str] | None = None):
     """Wrap the 4-bit model with LoRA (+ trainable embeddings per cfg.embeddings); returns the PeftModel.
 
     `vocab_size` here is the tokenizer's size: in new-rows mode rows [new_rows_start, vocab_size) train
-    (padding rows past the tokenizer never occur in data and stay frozen)."""
+    (padding rows past the tokenizer never occur in data and stay frozen). `targets`: the LoRA targets as
+    lora_targets resolved them (default: resolved here)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -179,7 +180,8 @@ def add_adapters(model, cfg, vocab_size: int, new_rows_start: int | None):
         rows = list(range(new_rows_start, vocab_size))
         kw["trainable_token_indices"] = {name: rows for name in EMBED_NAMES}
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=lora_targets(cfg.model, cfg.target_modules), bias="none", task_type="CAUSAL_LM",
+                      target_modules=targets or lora_targets(cfg.model, cfg.target_modules), bias="none",
+                      task_type="CAUSAL_LM",
                       **kw)
     torch.manual_seed(cfg.seed)  # LoRA A init
     model = get_peft_model(model, lora)

@@ -265,7 +265,8 @@ class _Run:
         self.tok_path = cfg.tokenizer or cfg.model
         self.tokenizer = M.load_tokenizer(self.tok_path)
         M.check_tokenizer_matches(self.tokenizer, vocab_size, self.tok_path, cfg.model)
-        M.lora_targets(cfg.model, cfg.target_modules)  # auto: an architecture outside continual/arch.py fails here
+        # Resolved once, before the model loads: auto with an architecture outside continual/arch.py fails here.
+        self.targets = M.lora_targets(cfg.model, cfg.target_modules)
         self.train_ds = train_ds = D.load_split(cfg.train_data, "train")
         self.dev_src = dev_src = cfg.dev_data or cfg.train_data
         self.dev_ds = dev_ds = D.load_split(dev_src, "dev")
@@ -326,7 +327,7 @@ class _Run:
         # Sharded engines place (and shard) the weights themselves; otherwise each process loads onto its GPU.
         device_map = {"": self.device} if self.device.type == "cuda" and not (fsdp or zero3) else None
         model = M.load_base_4bit(cfg.model, compute_dtype, cfg.quant_storage, device_map=device_map)
-        M.check_target_modules(model, cfg.target_modules, cfg.model)
+        M.check_target_modules(model, self.targets, cfg.model)
         has_aux = A.has_aux_loss(model.config)  # Mixtral, Qwen2/3-MoE (not DeepSeek's, nor dense models)
         use_aux = bool(has_aux and cfg.router_aux_loss)
         if has_aux:
@@ -340,7 +341,7 @@ class _Run:
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         with _whole_params_for_peft(zero3):
-            model = M.add_adapters(model, cfg, len(self.tokenizer), self.new_rows_start)
+            model = M.add_adapters(model, cfg, len(self.tokenizer), self.new_rows_start, self.targets)
         if fsdp:
             _fsdp_units(self.accelerator, model, compute_dtype)
         self.model = model
@@ -483,7 +484,7 @@ class _Run:
                       accelerator.get_state_dict(self.model) if self.zero3 else None)
         if self.main:
             _save_adapter(self.out, self.raw_model, self.tokenizer, cfg, self.vocab_size, self.new_rows_start,
-                          full_state)
+                          self.targets, full_state)
             write_manifest(self.out, stage="continual.train", config=cfg,
                            inputs={"model": cfg.model, "tokenizer": self.tok_path, "train_data": cfg.train_data,
                                    "dev_data": self.dev_src},
@@ -495,7 +496,7 @@ class _Run:
 
 
 def _save_adapter(out: Path, model, tokenizer, cfg: TrainConfig, vocab_size: int, new_rows_start: int | None,
-                  state_dict=None) -> None:
+                  targets: list[str], state_dict=None) -> None:
     """OUT/adapter: peft adapter (+ trained embeddings), tokenizer, and what `graft merge` checks."""
     with atomic_path(out / ADAPTER_DIR) as tmp:
         save_adapter_weights(model, tmp, state_dict)
@@ -504,4 +505,4 @@ def _save_adapter(out: Path, model, tokenizer, cfg: TrainConfig, vocab_size: int
             "base": str(Path(cfg.model).resolve()), "base_fingerprint": base_fingerprint(cfg.model),
             "vocab_size": vocab_size, "embeddings": cfg.embeddings, "new_rows_start": new_rows_start,
             "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha,
-            "target_modules": M.lora_targets(cfg.model, cfg.target_modules)})
+            "target_modules": targets})
