@@ -16,7 +16,7 @@ from continual.metrics import read_metrics
 from tiny_continual import tiny_train_config, tiny_workspace, train_killed_at
 from continual.train import train
 
-E2E = ["qwen2_moe", "qwen3_moe", "deepseek_v3", "llama", "mistral"]
+E2E = ["qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "llama", "mistral"]
 
 
 @pytest.fixture(scope="module")
