@@ -58,10 +58,41 @@ def model_type(config: dict) -> str:
     return str(config.get("model_type") or "")
 
 
-def skip_modules(config: dict) -> list[str]:
-    """llm_int8_skip_modules for a model with this config.json: its routers/gates and lm_head."""
+# config.json keys that hold the number of routed experts, across MoE families
+EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def router_names(config: dict, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """For an MoE outside the table: the names (last component) of the Linear weights shaped like a router,
+    hidden -> one output per routed expert, or a per-token gate (hidden -> 1). A name counts only when every
+    weight with that name has such a shape, and never when the expert count equals hidden_size, so an attention
+    or MLP projection is never taken for one."""
+    n = next((config[k] for k in EXPERT_KEYS if isinstance(config.get(k), int) and config[k] > 1), None)
+    hidden = config.get("hidden_size")
+    if n is None or n == hidden:  # no experts, or a projection could have a router's shape: do not guess
+        return []
+    shapes_of: dict[str, set[tuple[int, ...]]] = {}
+    for key, shape in shapes.items():
+        parts = key.split(".")
+        if len(shape) == 2 and parts[-1] == "weight" and len(parts) >= 2 and parts[-2] not in ("embed_tokens", OUTPUT):
+            shapes_of.setdefault(parts[-2], set()).add(tuple(shape))
+    return sorted(name for name, got in shapes_of.items() if got <= {(n, hidden), (1, hidden)})
+
+
+def skip_modules(config: dict, shapes: dict[str, tuple[int, ...]] | None = None) -> list[str]:
+    """llm_int8_skip_modules for a model with this config.json: its routers/gates and lm_head. Outside the table:
+    every router name the table knows, plus the router-shaped Linears of `shapes` (the checkpoint's tensors)."""
     arch = ARCHS.get(model_type(config))
-    return [*(arch.skip_4bit if arch else ALL_SKIPS), OUTPUT]
+    if arch:
+        return [*arch.skip_4bit, OUTPUT]
+    return [*sorted(set(ALL_SKIPS) | set(router_names(config, shapes or {}))), OUTPUT]
+
+
+def checkpoint_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} from the safetensors headers (no tensor data is read)."""
+    from common.checkpoint import open_checkpoint
+
+    return {k: tuple(info.shape) for h in open_checkpoint(model_dir).headers.values() for k, info in h.tensors.items()}
 
 
 def has_aux_loss(config) -> bool:
@@ -72,14 +103,11 @@ def has_aux_loss(config) -> bool:
 def linear_names(model_dir: str | Path) -> list[str]:
     """Names (last component) of the model's Linear-like weights, read from the safetensors headers: every 2-D
     `*.weight` except embed_tokens. Cheap: no tensor data is read and no model is built."""
-    from common.checkpoint import open_checkpoint
-
     names = set()
-    for h in open_checkpoint(model_dir).headers.values():
-        for key, info in h.tensors.items():
-            parts = key.split(".")
-            if len(info.shape) == 2 and parts[-1] == "weight" and len(parts) >= 2 and parts[-2] != "embed_tokens":
-                names.add(parts[-2])
+    for key, shape in checkpoint_shapes(model_dir).items():
+        parts = key.split(".")
+        if len(shape) == 2 and parts[-1] == "weight" and len(parts) >= 2 and parts[-2] != "embed_tokens":
+            names.add(parts[-2])
     return sorted(names)
 
 
@@ -93,8 +121,8 @@ def resolve_targets(model_dir: str | Path, config: dict, targets: list[str]) -> 
     have = linear_names(model_dir)
     mt = model_type(config)
     arch = ARCHS.get(mt)
-    fix = (f"set target_modules to the attention and MLP/expert layers among them (routers and gates stay "
-           f"frozen), e.g. target_modules = [\"q_proj\", \"v_proj\", ...] in the train config")
+    fix = ("set target_modules to the attention and MLP/expert layers among them (routers and gates stay "
+           "frozen), e.g. target_modules = [\"q_proj\", \"v_proj\", ...] in the train config")
     if arch is None:
         raise input_error(model_dir, f"model_type {mt!r} is not in graft's architecture table "
                                      f"({', '.join(ARCHS)}), so target_modules = auto cannot pick its LoRA targets; "

@@ -29,7 +29,8 @@ def checkpoint_params(folder: str | Path) -> dict[str, int]:
     from continual.arch import skip_modules
 
     ckpt = open_checkpoint(folder)
-    skip = skip_modules(ckpt.config)
+    skip = skip_modules(ckpt.config,
+                        {k: tuple(i.shape) for h in ckpt.headers.values() for k, i in h.tensors.items()})
     total = quantized = 0
     for h in ckpt.headers.values():
         for name, info in h.tensors.items():

@@ -152,10 +152,10 @@ def load_base_4bit(model_dir: str | Path, compute_dtype, quant_storage: str = "u
 
     # Non-quantized tensors (embeddings, norms, router) in the compute dtype; 4-bit storage per quant_storage.
     kwargs = {"device_map": device_map} if device_map is not None else {}
+    skip = A.skip_modules(read_model_config(model_dir), A.checkpoint_shapes(model_dir))
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), quantization_config=quantization_config(
-                compute_dtype, quant_storage, A.skip_modules(read_model_config(model_dir))),
+            str(model_dir), quantization_config=quantization_config(compute_dtype, quant_storage, skip),
             dtype=compute_dtype if compute_dtype != torch.float16 else torch.float32, low_cpu_mem_usage=True, **kwargs)
     except (OSError, ValueError, RuntimeError) as e:
         raise input_error(model_dir, f"cannot load the model ({type(e).__name__}: {str(e)[:300]})",

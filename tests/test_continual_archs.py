@@ -5,6 +5,7 @@ Mixtral runs the same stages in test_continual_train.py, test_continual_merge.py
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -178,3 +179,34 @@ def test_unknown_architecture_and_targets_that_match_nothing(ws, tmp_path):
     with pytest.raises(GraftError, match=r"target_modules names 'w1', 'w2', 'w3', which the model does not have"):
         train(tiny_train_config(ws, tmp_path / "o2", model=str(d), tokenizer=str(ws["tok"]),
                                 target_modules=["q_proj", "w1", "w2", "w3"]))
+
+
+def test_unknown_moe_with_explicit_targets_keeps_its_router_out_of_4bit(ws, tmp_path):
+    """GraniteMoE's router is a Linear named `layer` (hidden -> one logit per expert), a name the table does not
+    know: its shape gives it away, so it stays 16-bit (and frozen) while the named attention targets train."""
+    import bitsandbytes as bnb
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import continual.model as M
+    from continual.model import read_model_config
+
+    d = tmp_path / "granite"
+    cfg = AutoConfig.for_model("granitemoe", vocab_size=_vocab(ws), hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                               num_experts_per_tok=2, tie_word_embeddings=False)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+    shapes = A.checkpoint_shapes(d)
+    assert A.router_names(read_model_config(d), shapes) == ["layer"]
+    # as many experts as hidden_size: q_proj and o_proj would have a router's shape, so nothing is guessed
+    assert A.router_names({**read_model_config(d), "num_local_experts": 32}, shapes) == []
+    assert A.router_names({**read_model_config(d), "num_local_experts": 8}, shapes) == []  # no weight has 8 rows
+    model = M.load_base_4bit(d, torch.float32)
+    kinds = {n: type(m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, bnb.nn.Linear4bit))}
+    routers = {n for n in kinds if n.endswith(".router.layer")}
+    assert len(routers) == 2 and all(kinds[n] is torch.nn.Linear for n in routers)
+    assert {n.rsplit(".", 1)[-1] for n, k in kinds.items() if k is bnb.nn.Linear4bit} == {"q_proj", "k_proj",
+                                                                                           "v_proj", "o_proj"}
+    out = train(tiny_train_config(ws, tmp_path / "o", model=str(d), tokenizer=str(ws["tok"]), max_steps=2,
+                                  eval_every=0, save_every=0, target_modules=["q_proj", "v_proj"]))
+    rows = [r for r in read_metrics(out) if r["loss"] is not None]
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
