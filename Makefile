@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-export llama-cpp clean
+.PHONY: setup demo test coverage test-export llama-cpp clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,12 @@ demo: setup
 test: setup
 	$(BIN)/python -m export.llama_cpp install --if-cached
 	$(BIN)/python -m pytest -q -rs tests
+
+# The same suite with line coverage (pyproject.toml [tool.coverage.run]): a table, and runs/coverage.json.
+coverage: setup
+	mkdir -p runs
+	$(BIN)/python -m export.llama_cpp install --if-cached
+	$(BIN)/python -m pytest -q -rs --cov --cov-report=term --cov-report=json:runs/coverage.json tests
 
 # The llama.cpp pinned in export/llama_cpp.py: its converter and the llama-cpp-python wheel built from the
 # same sdist, cached in .cache/ (kept by `make clean`; the build takes minutes once, see docs/export.md).
