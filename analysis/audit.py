@@ -64,8 +64,9 @@ class AuditConfig:
         """Ready to run: at least one tokenizer and one corpus."""
         from common.validate import check_required
 
-        check_required(self, ("tokenizers",), how="pass --tokenizer PATH (twice or more to compare)")
-        check_required(self, ("corpus",), how="pass --corpus FILE (a .jsonl, .parquet or .txt file, or a glob)")
+        self.__post_init__()  # fields may have been set after the config was built
+        check_required(self, {"tokenizers": "pass --tokenizer PATH (twice or more to compare)",
+                              "corpus": "pass --corpus FILE (a .jsonl, .parquet or .txt file, or a glob)"})
         return self
 
 # ---------------------------------------------------------------------------------------------

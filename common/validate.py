@@ -80,11 +80,13 @@ def _raise(problems: list[str], title: str) -> None:
         raise GraftError(f"{title}:\n  " + "\n  ".join(problems))
 
 
-def check_required(cfg: Any, names: tuple[str, ...], how: str = "pass --{flag} or set {key} in the config") -> None:
+def check_required(cfg: Any, names: tuple[str, ...] | Mapping[str, str],
+                   how: str = "pass --{flag} or set {key} in the config") -> None:
     """Raise GraftError naming every field of `names` that is unset (None or empty); `how` says how to set one,
-    with {flag} and {key} filled in."""
-    missing = [n for n in names if getattr(cfg, n) in (None, "", [], ())]
-    _raise([f"`{n}` is not set. Fix: " + how.format(flag=n.replace("_", "-"), key=n) for n in missing],
+    with {flag} and {key} filled in (`names` may map each field to its own `how`)."""
+    hows = dict(names) if isinstance(names, Mapping) else dict.fromkeys(names, how)
+    missing = [n for n in hows if getattr(cfg, n) in (None, "", [], ())]
+    _raise([f"`{n}` is not set. Fix: " + hows[n].format(flag=n.replace("_", "-"), key=n) for n in missing],
            "settings not set")
 
 

@@ -65,8 +65,8 @@ EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_
 def router_names(config: dict, shapes: dict[str, tuple[int, ...]]) -> list[str]:
     """For an MoE outside the table: the names (last component) of the Linear weights shaped like a router,
     hidden -> one output per routed expert, or a per-token gate (hidden -> 1). A name counts only when every
-    weight with that name has such a shape, and never when the expert count equals hidden_size, so an attention
-    or MLP projection is never taken for one."""
+    weight with that name has such a shape, never for a projection name of the table (k_proj is (n, hidden) when
+    n equals the key/value width), and never when the expert count equals hidden_size."""
     n = next((config[k] for k in EXPERT_KEYS if isinstance(config.get(k), int) and config[k] > 1), None)
     hidden = config.get("hidden_size")
     if n is None or n == hidden:  # no experts, or a projection could have a router's shape: do not guess
@@ -76,7 +76,9 @@ def router_names(config: dict, shapes: dict[str, tuple[int, ...]]) -> list[str]:
         parts = key.split(".")
         if len(shape) == 2 and parts[-1] == "weight" and len(parts) >= 2 and parts[-2] not in ("embed_tokens", OUTPUT):
             shapes_of.setdefault(parts[-2], set()).add(tuple(shape))
-    return sorted(name for name, got in shapes_of.items() if got <= {(n, hidden), (1, hidden)})
+    known = set(ATTENTION) | set(MLA) | set(GLU_MLP) | {"w1", "w2", "w3"}  # projections, whatever their shape
+    return sorted(name for name, got in shapes_of.items()
+                  if name not in known and got <= {(n, hidden), (1, hidden)})
 
 
 def skip_modules(config: dict, shapes: dict[str, tuple[int, ...]] | None = None) -> list[str]:

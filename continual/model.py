@@ -42,7 +42,7 @@ def disable_cpu_repack(model) -> int:
     """Switch off bitsandbytes' AVX512-BF16 CPU repacking on every Linear4bit; returns how many.
 
     A no-grad eval forward otherwise repacks the 4-bit weights in place (bnb 0.50 on CPU), and later
-    training/merging silently computes with wrong weights (see DEVELOPERS.md, tested in
+    training/merging silently computes with wrong weights (see docs/continual.md, tested in
     tests/test_continual_train.py::test_eval_then_train_gradients_match_fresh_model).
     """
     import bitsandbytes as bnb

@@ -46,11 +46,17 @@ class CountConfig:
         check_ranges(self, {"block_size": ">=1", "workers": ">=1", "threads": ">=0", "max_doc_bytes": ">=1"},
                      choices={"on_corrupt": ON_CORRUPT})
 
+    def validate(self) -> "CountConfig":
+        """Ready to run: values set after the config was built are checked too."""
+        self.__post_init__()
+        return self
+
 
 def count(cfg: CountConfig) -> dict[str, dict]:
     """Returns {dataset: {"counts": {split: {documents, characters, tokens, blocks}}, "rejects": {...}}}."""
     from corpus.runner import Progress, run_jobs
 
+    cfg.validate()
     if cfg.name is None:
         entries = load_registry(cfg.registry)
     else:

@@ -87,6 +87,7 @@ class PrepareConfig:
         """Ready to run: a tokenizer is named (the output folder may come from the registry)."""
         from common.validate import check_required
 
+        self.__post_init__()  # fields may have been set after the config was built
         check_required(self, ("tokenizer",), how="pass --tokenizer DIR (a HF tokenizer folder, tokenizer.json or .model)")
         return self
 

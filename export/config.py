@@ -40,3 +40,8 @@ class GgufConfig:
         from common.validate import check_ranges
 
         check_ranges(self, {}, choices={"outtype": OUTTYPES})
+
+    def validate(self) -> "GgufConfig":
+        """Ready to run: values set after the config was built are checked too."""
+        self.__post_init__()
+        return self

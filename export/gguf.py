@@ -248,6 +248,7 @@ def export_gguf(cfg: GgufConfig) -> Path:
     from common.io import atomic_path, file_sha256, write_manifest
 
     started = time.time()
+    cfg.validate()
     model, out = Path(cfg.model), Path(cfg.out)
     as_folder = out.suffix != ".gguf"
     if out.exists() and not cfg.overwrite:

@@ -200,6 +200,10 @@ def test_unknown_moe_with_explicit_targets_keeps_its_router_out_of_4bit(ws, tmp_
     # as many experts as hidden_size: q_proj and o_proj would have a router's shape, so nothing is guessed
     assert A.router_names({**read_model_config(d), "num_local_experts": 32}, shapes) == []
     assert A.router_names({**read_model_config(d), "num_local_experts": 8}, shapes) == []  # no weight has 8 rows
+    # 16 experts = the key/value width (2 heads x 8): k_proj and v_proj have a router's shape, but are projections
+    wide = {k: (16, 32) if ".router.layer." in k else v for k, v in shapes.items()}
+    assert {s for k, s in wide.items() if k.endswith((".k_proj.weight", ".v_proj.weight"))} == {(16, 32)}
+    assert A.router_names({**read_model_config(d), "num_local_experts": 16}, wide) == ["layer"]
     model = M.load_base_4bit(d, torch.float32)
     kinds = {n: type(m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, bnb.nn.Linear4bit))}
     routers = {n for n in kinds if n.endswith(".router.layer")}

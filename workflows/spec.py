@@ -298,10 +298,10 @@ def _check_values(kind: StageKind, fields: dict, values: dict[str, Any], where: 
     """Build the config once with placeholder paths, so that its own checks (__post_init__,
     validate()) report bad values now rather than when the stage is reached hours later."""
     kwargs: dict[str, Any] = {}
-    unknown = False
+    pending = set()
     for key, value in values.items():
         if any(parse_ref(r) is not None and parse_ref(r).key for r in refs_in(value)):
-            unknown = True  # a manifest value: unknown until the stage it names has run
+            pending.add(key)  # a manifest value: unknown until the stage it names has run
             continue
         placeholder = resolve_value(value, _Placeholders(), lambda name: {})
         try:
@@ -312,12 +312,24 @@ def _check_values(kind: StageKind, fields: dict, values: dict[str, Any], where: 
         kwargs[kind.out_field] = kwargs.get(kind.out_field, "out")
     try:
         cfg = kind.config_class()(**kwargs)
-        if callable(getattr(cfg, "validate", None)) and not unknown:  # else a required field may look unset
+        if callable(getattr(cfg, "validate", None)):
             cfg.validate()
     except GraftError as e:
-        errors.append(f"{where} " + str(e).replace("\n", "\n  "))  # a list of problems: indented under its stage
+        if message := _without_pending(str(e), pending):
+            errors.append(f"{where} " + message.replace("\n", "\n  "))  # a list of problems: indented under its stage
     except (TypeError, ValueError):
         pass  # e.g. a required field given as a manifest reference; checked when the stage runs
+
+
+def _without_pending(message: str, pending: set[str]) -> str:
+    """A config error less the problems of settings whose value is a pending manifest reference (a required
+    one looks unset until its stage has run); common/validate.py words each problem as "`key` ..."."""
+    lines = message.split("\n")
+    named = lambda line: any(line.strip().startswith(f"`{k}`") for k in pending)  # noqa: E731
+    if len(lines) == 1:
+        return "" if named(message) else message
+    kept = [ln for ln in lines[1:] if not named(ln)]
+    return "" if not kept else kept[0].strip() if len(kept) == 1 else "\n".join([lines[0], *kept])
 
 
 def coerce_table(cls: type, table: dict[str, Any], where: str, errors: list[str]) -> dict[str, Any]:

@@ -175,12 +175,36 @@ def test_every_unset_required_setting_is_named_before_the_stage_runs(tmp_path, c
         MergeConfig(base="b", out="o").validate()
     with pytest.raises(GraftError, match=r"^`corpus` is not set. Fix: pass --corpus FILE"):
         audit_tables(AuditConfig(tokenizers=[str(tmp_path / "missing.model")]))  # before the tokenizer is read
+    with pytest.raises(GraftError, match=r"^settings not set:\n  `tokenizers` is not set\. Fix: pass --tokenizer "
+                                         r"PATH .*\n  `corpus` is not set\. Fix: pass --corpus FILE"):
+        audit_tables(AuditConfig())
     # a value set after the config was built is checked again when the stage starts
     cfg = TrainConfig(model="m", train_data="d", out="o")
     cfg.quant_storage = "int4"
     with pytest.raises(GraftError, match=r"`quant_storage` \(--quant-storage\) = 'int4' is not one of uint8, "):
         cfg.validate()
+    from export.config import GgufConfig
+    from export.gguf import export_gguf
+
+    gguf = GgufConfig(model=str(tmp_path / "m"), out=str(tmp_path / "x.gguf"))
+    gguf.outtype = "q4"
+    with pytest.raises(GraftError, match=r"`outtype` \(--outtype\) = 'q4' is not one of f32, f16, bf16, q8_0"):
+        export_gguf(gguf)  # before the checkpoint is looked at
     assert workflows.cli.main(["export", "gguf", "--model", "m", "--out", str(tmp_path / "x.gguf"),
                                "--outtype", "q4"]) == 2
     assert "`outtype` (--outtype) = 'q4' is not one of f32, f16, bf16, q8_0" in capsys.readouterr().err
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.fault("missing setting", "error")
+def test_a_pending_manifest_value_does_not_hide_another_unset_setting(tmp_path):
+    """`model = "@pick#pick.path"` is known only when `pick` has run; the train stage's missing train_data is
+    still reported when the file is read, and the pending model is not."""
+    wf = tmp_path / "wf.toml"
+    text = ('[workflow]\nname = "w"\n\n[pick]\nkind = "vocab.pick"\nscores = "s"\n\n'
+            '[train]\nkind = "continual.train"\nmodel = "@pick#pick.path"\n')
+    assert _load_error(wf, text) == (
+        f"{wf}: invalid workflow:\n"
+        '  [train] `train_data` is not set. Fix: put `train_data = "..."` in the TOML file or pass --train-data')
+    wf.write_text(text + 'train_data = "d"\n')
+    assert [s.name for s in load_workflow(wf).stages] == ["pick", "train"]
