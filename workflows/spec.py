@@ -167,7 +167,30 @@ def _line_of(lines: list[str], table: str, key: str) -> int | None:
 
 
 def build_workflow(raw: dict[str, Any], path: Path, runs: str | Path | None = None) -> Workflow:
+    """The workflow of a parsed TOML file; every problem of every table is collected, then raised at once."""
     errors: list[str] = []
+    name, runs_dir, description = _workflow_head(raw, path, errors)
+    runs_path = Path(runs) if runs is not None else Path(runs_dir)
+    stages: list[Stage] = []
+    seen: dict[str, Stage] = {}
+    for sname, table in raw.items():
+        if sname in ("workflow", "slurm"):
+            continue
+        stage = _build_stage(sname, table, raw, runs_path / name, seen, len(stages), errors)
+        if stage is not None:
+            stages.append(stage)
+            seen[sname] = stage
+    _check_distinct_outputs(stages, errors)
+    slurm = _slurm_spec(raw.get("slurm", {}), stages, errors)
+    if not stages and not errors:
+        errors.append("no stage tables. Fix: add one table per stage, e.g. [vocab_train] with kind = \"vocab.train\"")
+    if errors:
+        raise GraftError(f"{path}: invalid workflow:\n  " + "\n  ".join(errors))
+    return Workflow(path, name, runs_path, stages, description, slurm)
+
+
+def _workflow_head(raw: dict[str, Any], path: Path, errors: list[str]) -> tuple[str, str, str]:
+    """name, runs folder and description of the [workflow] table."""
     head = raw.get("workflow", {})
     if not isinstance(head, dict):
         raise input_error(path, "'workflow' must be a table ([workflow])", "write [workflow] name = \"...\"")
@@ -182,93 +205,113 @@ def build_workflow(raw: dict[str, Any], path: Path, runs: str | Path | None = No
     if not isinstance(runs_dir, str):
         errors.append(f"[workflow] key 'runs': expected str, got {_describe(runs_dir)}")
         runs_dir = "runs"
-    runs_path = Path(runs) if runs is not None else Path(runs_dir)
-    description = head.get("description", "")
+    return name, runs_dir, head.get("description", "")
 
-    stages: list[Stage] = []
-    seen: dict[str, Stage] = {}
-    for sname, table in raw.items():
-        if sname in ("workflow", "slurm"):
+
+def _build_stage(sname: str, table: Any, raw: dict[str, Any], home: Path, seen: dict[str, Stage], index: int,
+                 errors: list[str]) -> Stage | None:
+    """One stage table as a Stage (None, with its problems in `errors`, when it cannot be built)."""
+    where = f"[{sname}]"
+    kind = _stage_kind(sname, table, where, errors)
+    if kind is None:
+        return None
+    try:
+        fields = config_fields(kind.config_class())
+    except GraftError as e:
+        errors.append(str(e))
+        return None
+    values = _stage_values(kind, fields, table, where, errors)
+    if kind.out_field not in fields:
+        errors.append(f"{where} kind {kind.name!r} has no output field {kind.out_field!r}")
+        return None
+    out_value = table.get(kind.out_field)
+    if parse_ref(out_value) is not None:
+        errors.append(f"{where} key {kind.out_field!r}: the output folder cannot be a reference")
+        return None
+    out = Path(_unescape(out_value)) if isinstance(out_value, str) else home / sname
+    launch = _launch_spec(table.get("launch", {}), kind.name, where, errors)
+    deps = _stage_deps(table, values, raw, seen, where, errors)
+    _check_values(kind, fields, values, where, errors)
+    return Stage(sname, kind, values, out, sorted(deps, key=lambda d: seen[d].index), index, launch)
+
+
+def _stage_kind(sname: str, table: Any, where: str, errors: list[str]) -> StageKind | None:
+    """The stage's kind: its `kind` key, or a table name that is a kind (e.g. [vocab_train])."""
+    if not isinstance(table, dict):
+        errors.append(f"top-level key {sname!r} is not a stage table. Fix: put settings inside a "
+                      f"[stage] table (or [workflow])")
+        return None
+    if not _STAGE_NAME.match(sname):
+        errors.append(f"{where} stage names may only use letters, digits, '_' and '-'")
+        return None
+    kind_name = table.get("kind")
+    if kind_name is None:
+        kind_name = next((g for g in (sname, sname.replace("_", ".", 1)) if g in KINDS), None)
+    if kind_name is None:
+        if table and all(isinstance(v, dict) for v in table.values()):
+            sub = next(iter(table))
+            errors.append(f"[{sname}.{sub}]: a dotted table name makes nested tables. Fix: name the "
+                          f"stage [{sname}_{sub}] (references may still say @{sname}.{sub})")
+        else:
+            errors.append(f"{where} missing key 'kind'. Fix: add kind = \"...\" (one of {', '.join(KINDS)})")
+        return None
+    if not isinstance(kind_name, str):
+        errors.append(f"{where} key 'kind': expected str, got {_describe(kind_name)}")
+        return None
+    try:
+        return resolve_kind(kind_name, where)
+    except GraftError as e:
+        errors.append(str(e))
+        return None
+
+
+def _stage_values(kind: StageKind, fields: dict, table: dict[str, Any], where: str,
+                  errors: list[str]) -> dict[str, Any]:
+    """The table's settings checked against the config's fields and types (references kept as written)."""
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key in RESERVED:
             continue
-        where = f"[{sname}]"
-        if not isinstance(table, dict):
-            errors.append(f"top-level key {sname!r} is not a stage table. Fix: put settings inside a "
-                          f"[stage] table (or [workflow])")
+        if key not in fields:
+            valid = sorted(fields) + list(RESERVED)
+            errors.append(f"{where} unknown key {key!r} for kind {kind.name!r}{_suggest(key, valid)}. "
+                          f"Valid keys: {', '.join(valid)}")
             continue
-        if not _STAGE_NAME.match(sname):
-            errors.append(f"{where} stage names may only use letters, digits, '_' and '-'")
-            continue
-        kind_name = table.get("kind")
-        if kind_name is None:
-            for guess in (sname, sname.replace("_", ".", 1)):
-                if guess in KINDS:
-                    kind_name = guess
-                    break
-            else:
-                if table and all(isinstance(v, dict) for v in table.values()):
-                    sub = next(iter(table))
-                    errors.append(f"[{sname}.{sub}]: a dotted table name makes nested tables. Fix: name the "
-                                  f"stage [{sname}_{sub}] (references may still say @{sname}.{sub})")
-                else:
-                    errors.append(f"{where} missing key 'kind'. Fix: add kind = \"...\" (one of {', '.join(KINDS)})")
-                continue
-        if not isinstance(kind_name, str):
-            errors.append(f"{where} key 'kind': expected str, got {_describe(kind_name)}")
-            continue
+        tp = fields[key][1]
         try:
-            kind = resolve_kind(kind_name, where)
-            fields = config_fields(kind.config_class())
-        except GraftError as e:
-            errors.append(str(e))
-            continue
-        values: dict[str, Any] = {}
-        for key, value in table.items():
-            if key in RESERVED:
-                continue
-            if key not in fields:
-                valid = sorted(fields) + list(RESERVED)
-                errors.append(f"{where} unknown key {key!r} for kind {kind.name!r}{_suggest(key, valid)}. "
-                              f"Valid keys: {', '.join(valid)}")
-                continue
-            f, tp = fields[key]
-            try:
-                values[key] = coerce(value, tp, allow_refs=True)
-            except _Mismatch:
-                errors.append(f"{where} key {key!r}: expected {type_name(tp)}, got {_describe(value)}")
-        for key, (f, tp) in fields.items():
-            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-            if required and key not in table and key != kind.out_field:
-                help_ = f.metadata.get("help", "")
-                errors.append(f"{where} missing required key {key!r}" + (f" ({help_})" if help_ else ""))
-        if kind.out_field not in fields:
-            errors.append(f"{where} kind {kind.name!r} has no output field {kind.out_field!r}")
-            continue
-        out_value = table.get(kind.out_field)
-        if parse_ref(out_value) is not None:
-            errors.append(f"{where} key {kind.out_field!r}: the output folder cannot be a reference")
-            continue
-        out = Path(_unescape(out_value)) if isinstance(out_value, str) else runs_path / name / sname
+            values[key] = coerce(value, tp, allow_refs=True)
+        except _Mismatch:
+            errors.append(f"{where} key {key!r}: expected {type_name(tp)}, got {_describe(value)}")
+    for key, (f, tp) in fields.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and key not in table and key != kind.out_field:
+            help_ = f.metadata.get("help", "")
+            errors.append(f"{where} missing required key {key!r}" + (f" ({help_})" if help_ else ""))
+    return values
 
-        launch = _launch_spec(table.get("launch", {}), kind.name, where, errors)
-        deps: list[str] = []
-        after = table.get("after", [])
-        if not (isinstance(after, list) and all(isinstance(a, str) for a in after)):
-            errors.append(f"{where} key 'after': expected list of stage names, got {_describe(after)}")
-            after = []
-        for target in after + refs_in(values):
-            ref_stage = target if not target.startswith("@") else parse_ref(target).stage
-            resolved = _find_stage(ref_stage, seen)
-            if resolved is None:
-                later = ref_stage in raw or ref_stage.replace(".", "_") in raw
-                errors.append(f"{where} {target!r} names {'a later' if later else 'no'} stage. Fix: refer "
-                              "to a stage defined above this one" +
-                              (f" ({', '.join(seen)})" if seen else ""))
-            elif resolved not in deps:
-                deps.append(resolved)
-        _check_values(kind, fields, values, where, errors)
-        stage = Stage(sname, kind, values, out, sorted(deps, key=lambda d: seen[d].index), len(stages), launch)
-        stages.append(stage)
-        seen[sname] = stage
+
+def _stage_deps(table: dict[str, Any], values: dict[str, Any], raw: dict[str, Any], seen: dict[str, Stage],
+                where: str, errors: list[str]) -> list[str]:
+    """The earlier stages this one needs: its `after` list and every stage its values refer to."""
+    deps: list[str] = []
+    after = table.get("after", [])
+    if not (isinstance(after, list) and all(isinstance(a, str) for a in after)):
+        errors.append(f"{where} key 'after': expected list of stage names, got {_describe(after)}")
+        after = []
+    for target in after + refs_in(values):
+        ref_stage = target if not target.startswith("@") else parse_ref(target).stage
+        resolved = _find_stage(ref_stage, seen)
+        if resolved is None:
+            later = ref_stage in raw or ref_stage.replace(".", "_") in raw
+            errors.append(f"{where} {target!r} names {'a later' if later else 'no'} stage. Fix: refer "
+                          "to a stage defined above this one" +
+                          (f" ({', '.join(seen)})" if seen else ""))
+        elif resolved not in deps:
+            deps.append(resolved)
+    return deps
+
+
+def _check_distinct_outputs(stages: list[Stage], errors: list[str]) -> None:
     outs: dict[Path, str] = {}
     for s in stages:
         key = s.out.resolve()
@@ -276,12 +319,6 @@ def build_workflow(raw: dict[str, Any], path: Path, runs: str | Path | None = No
             errors.append(f"[{s.name}] output folder {s.out} is also the output of [{outs[key]}]. Fix: give each "
                           "stage its own out")
         outs[key] = s.name
-    slurm = _slurm_spec(raw.get("slurm", {}), stages, errors)
-    if not stages and not errors:
-        errors.append("no stage tables. Fix: add one table per stage, e.g. [vocab_train] with kind = \"vocab.train\"")
-    if errors:
-        raise GraftError(f"{path}: invalid workflow:\n  " + "\n  ".join(errors))
-    return Workflow(path, name, runs_path, stages, description, slurm)
 
 
 def _slurm_spec(table: Any, stages: list[Stage], errors: list[str]) -> Any:
