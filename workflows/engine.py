@@ -165,15 +165,19 @@ def _run(wf: Workflow, lo: int, hi: int, forced: set[str], echo: Echo) -> list[S
     state.save()
     echo(f"workflow {wf.name}: {len(ran)} stage(s) run, {sum(s.state == 'done' for s in final)}/{n} done "
          f"({_fmt_s(time.time() - t0)})")
-    last = wf.stages[hi]
-    sec = _workflow_section(last.out)
-    if sec is not None:
-        m = read_json(last.out / MANIFEST)
-        shown = [(label, m[key]) for key, label in (("report_md", "Report"), ("report_html", "Report (HTML)"))
-                 if m.get(key)]
-        for label, path in shown or [(f"Outputs of {last.name}", last.out.resolve())]:
-            echo(f"{label}: {path}")
+    _say_where(wf.stages[hi], echo)
     return final
+
+
+def _say_where(last: Stage, echo: Echo) -> None:
+    """Where to look after a run: the report of the last stage run, else its output folder (once it is done)."""
+    if _workflow_section(last.out) is None:
+        return
+    m = read_json(last.out / MANIFEST)
+    shown = [(label, m[key]) for key, label in (("report_md", "Report"), ("report_html", "Report (HTML)"))
+             if m.get(key)]
+    for label, path in shown or [(f"Outputs of {last.name}", last.out.resolve())]:
+        echo(f"{label}: {path}")
 
 
 def _run_stage(wf: Workflow, stage: Stage, st: StageStatus, state: State, why: str, tag: str,
