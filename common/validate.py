@@ -47,7 +47,21 @@ def _finite(v: int | float) -> bool:
     return isinstance(v, int) or math.isfinite(v)  # NaN, inf, -inf (TOML writes them nan, inf)
 
 
-def range_problems(cfg: Any, rules: Mapping[str, str]) -> list[str]:
+class SettingsError(GraftError):
+    """Problems with named settings: `problems` holds (key, message) pairs, so a caller that knows a key's value
+    is not final yet (a workflow's pending `@stage#key`) can drop that key's problems (workflows/spec.py)."""
+
+    def __init__(self, problems: list[tuple[str, str]], title: str):
+        self.problems, self.title = problems, title
+        texts = [text for _, text in problems]
+        super().__init__(texts[0] if len(texts) == 1 else f"{title}:\n  " + "\n  ".join(texts))
+
+    def without(self, keys: set[str]) -> "SettingsError | None":
+        kept = [(k, text) for k, text in self.problems if k not in keys]
+        return SettingsError(kept, self.title) if kept else None
+
+
+def range_problems(cfg: Any, rules: Mapping[str, str]) -> list[tuple[str, str]]:
     problems = []
     for key, rule in rules.items():
         value = getattr(cfg, key)
@@ -58,26 +72,24 @@ def range_problems(cfg: Any, rules: Mapping[str, str]) -> list[str]:
         bad = [v for v in values if isinstance(v, (int, float)) and not (_finite(v) and ok(v))]
         if bad:
             why = what if _finite(bad[0]) else "is not a finite number"
-            problems.append(f"`{key}` (--{key.replace('_', '-')}) = {bad[0]!r} {why}. Fix: set {key} to {fix}")
+            problems.append((key, f"`{key}` (--{key.replace('_', '-')}) = {bad[0]!r} {why}. Fix: set {key} to {fix}"))
     return problems
 
 
-def choice_problems(cfg: Any, choices: Mapping[str, tuple[str, ...]]) -> list[str]:
+def choice_problems(cfg: Any, choices: Mapping[str, tuple[str, ...]]) -> list[tuple[str, str]]:
     problems = []
     for key, allowed in choices.items():
         value = getattr(cfg, key)
         if value is not None and value not in allowed:
             words = ", ".join(allowed)
-            problems.append(f"`{key}` (--{key.replace('_', '-')}) = {value!r} is not one of {words}. Fix: set {key} "
-                            f"to one of {words}")
+            problems.append((key, f"`{key}` (--{key.replace('_', '-')}) = {value!r} is not one of {words}. Fix: set "
+                                  f"{key} to one of {words}"))
     return problems
 
 
-def _raise(problems: list[str], title: str) -> None:
-    if len(problems) == 1:
-        raise GraftError(problems[0])
+def _raise(problems: list[tuple[str, str]], title: str) -> None:
     if problems:
-        raise GraftError(f"{title}:\n  " + "\n  ".join(problems))
+        raise SettingsError(problems, title)
 
 
 def check_required(cfg: Any, names: tuple[str, ...] | Mapping[str, str],
@@ -86,7 +98,7 @@ def check_required(cfg: Any, names: tuple[str, ...] | Mapping[str, str],
     with {flag} and {key} filled in (`names` may map each field to its own `how`)."""
     hows = dict(names) if isinstance(names, Mapping) else dict.fromkeys(names, how)
     missing = [n for n in hows if getattr(cfg, n) in (None, "", [], ())]
-    _raise([f"`{n}` is not set. Fix: " + hows[n].format(flag=n.replace("_", "-"), key=n) for n in missing],
+    _raise([(n, f"`{n}` is not set. Fix: " + hows[n].format(flag=n.replace("_", "-"), key=n)) for n in missing],
            "settings not set")
 
 

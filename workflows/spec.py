@@ -40,6 +40,7 @@ from common.config import Mismatch as _Mismatch
 from common.config import coerce as coerce_value
 from common.config import describe as _describe
 from common.errors import GraftError, input_error
+from common.validate import SettingsError
 from workflows.refs import _Placeholders, _unescape, parse_ref, refs_in, resolve_value
 from workflows.registry import KINDS, StageKind, resolve_kind
 
@@ -351,22 +352,13 @@ def _check_values(kind: StageKind, fields: dict, values: dict[str, Any], where: 
         cfg = kind.config_class()(**kwargs)
         if callable(getattr(cfg, "validate", None)):
             cfg.validate()
+    except SettingsError as e:  # less the problems of pending manifest values (a required one looks unset)
+        if (kept := e.without(pending)) is not None:
+            errors.append(f"{where} " + str(kept).replace("\n", "\n  "))  # a list of problems: indented
     except GraftError as e:
-        if message := _without_pending(str(e), pending):
-            errors.append(f"{where} " + message.replace("\n", "\n  "))  # a list of problems: indented under its stage
+        errors.append(f"{where} " + str(e).replace("\n", "\n  "))
     except (TypeError, ValueError):
         pass  # e.g. a required field given as a manifest reference; checked when the stage runs
-
-
-def _without_pending(message: str, pending: set[str]) -> str:
-    """A config error less the problems of settings whose value is a pending manifest reference (a required
-    one looks unset until its stage has run); common/validate.py words each problem as "`key` ..."."""
-    lines = message.split("\n")
-    named = lambda line: any(line.strip().startswith(f"`{k}`") for k in pending)  # noqa: E731
-    if len(lines) == 1:
-        return "" if named(message) else message
-    kept = [ln for ln in lines[1:] if not named(ln)]
-    return "" if not kept else kept[0].strip() if len(kept) == 1 else "\n".join([lines[0], *kept])
 
 
 def coerce_table(cls: type, table: dict[str, Any], where: str, errors: list[str]) -> dict[str, Any]:
