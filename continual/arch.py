@@ -71,13 +71,8 @@ def router_names(config: dict, shapes: dict[str, tuple[int, ...]]) -> list[str]:
     hidden = config.get("hidden_size")
     if n is None or n == hidden:  # no experts, or a projection could have a router's shape: do not guess
         return []
-    shapes_of: dict[str, set[tuple[int, ...]]] = {}
-    for key, shape in shapes.items():
-        parts = key.split(".")
-        if len(shape) == 2 and parts[-1] == "weight" and len(parts) >= 2 and parts[-2] not in ("embed_tokens", OUTPUT):
-            shapes_of.setdefault(parts[-2], set()).add(tuple(shape))
-    known = set(ATTENTION) | set(MLA) | set(GLU_MLP) | {"w1", "w2", "w3"}  # projections, whatever their shape
-    return sorted(name for name, got in shapes_of.items()
+    known = set(ATTENTION) | set(MLA) | set(GLU_MLP) | {"w1", "w2", "w3", OUTPUT}  # never routers, whatever shape
+    return sorted(name for name, got in linear_shapes(shapes).items()
                   if name not in known and got <= {(n, hidden), (1, hidden)})
 
 
@@ -102,15 +97,21 @@ def has_aux_loss(config) -> bool:
     return hasattr(config, "output_router_logits")
 
 
-def linear_names(model_dir: str | Path) -> list[str]:
-    """Names (last component) of the model's Linear-like weights, read from the safetensors headers: every 2-D
-    `*.weight` except embed_tokens. Cheap: no tensor data is read and no model is built."""
-    names = set()
-    for key, shape in checkpoint_shapes(model_dir).items():
+def linear_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, set[tuple[int, ...]]]:
+    """{name (last component): its shapes} of the Linear-like weights among a checkpoint's tensors: every 2-D
+    `*.weight` except embed_tokens."""
+    out: dict[str, set[tuple[int, ...]]] = {}
+    for key, shape in shapes.items():
         parts = key.split(".")
         if len(shape) == 2 and parts[-1] == "weight" and len(parts) >= 2 and parts[-2] != "embed_tokens":
-            names.add(parts[-2])
-    return sorted(names)
+            out.setdefault(parts[-2], set()).add(tuple(shape))
+    return out
+
+
+def linear_names(model_dir: str | Path) -> list[str]:
+    """Names of the model's Linear-like weights, read from the safetensors headers (linear_shapes). Cheap: no
+    tensor data is read and no model is built."""
+    return sorted(linear_shapes(checkpoint_shapes(model_dir)))
 
 
 def resolve_targets(model_dir: str | Path, config: dict, targets: list[str]) -> list[str]:

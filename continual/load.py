@@ -29,17 +29,16 @@ def checkpoint_params(folder: str | Path) -> dict[str, int]:
     from continual.arch import skip_modules
 
     ckpt = open_checkpoint(folder)
-    skip = skip_modules(ckpt.config,
-                        {k: tuple(i.shape) for h in ckpt.headers.values() for k, i in h.tensors.items()})
+    shapes = {k: tuple(i.shape) for h in ckpt.headers.values() for k, i in h.tensors.items()}
+    skip = skip_modules(ckpt.config, shapes)
     total = quantized = 0
-    for h in ckpt.headers.values():
-        for name, info in h.tensors.items():
-            n = math.prod(info.shape)
-            total += n
-            parts = name.split(".")
-            if (len(info.shape) == 2 and name.endswith(".weight") and "embed_tokens" not in parts
-                    and not any(s in parts for s in skip)):
-                quantized += n
+    for name, shape in shapes.items():
+        n = math.prod(shape)
+        total += n
+        parts = name.split(".")
+        if (len(shape) == 2 and name.endswith(".weight") and "embed_tokens" not in parts
+                and not any(s in parts for s in skip)):
+            quantized += n
     return {"total": total, "quantized": quantized}
 
 
