@@ -108,12 +108,13 @@ def check_load_settings(load: str, dtype: str, key: str = "load") -> None:
 
 
 def plan_load(folder: str | Path, load: str = "auto", dtype: str = "auto", device_map: str = "",
-              key: str = "load") -> LoadPlan:
+              key: str = "load", fix: str = "") -> LoadPlan:
     """Decide how to load `folder` so that it fits this machine (see the module docstring).
 
     `auto`: `full` when the model in `dtype` fits the budget (GPUs: 90% of their free memory, spread
     with device_map "auto"; no GPU: half of the available RAM), else `nf4` when that fits, else a
-    GraftError naming the folder, the sizes and the fix. `full`/`nf4` force a mode (no size check).
+    GraftError naming the folder, the sizes and the fix (`fix`, else forcing `key`). `full`/`nf4` force a mode
+    (no size check).
     """
     check_load_settings(load, dtype, key)
     gpus = free_gpu_memory()
@@ -136,9 +137,10 @@ def plan_load(folder: str | Path, load: str = "auto", dtype: str = "auto", devic
     if load == "auto":
         fits = [m for m in ("full", "nf4") if need[m] <= budget]
         if not fits:
+            fix = fix or (f"run this stage where it fits (a GPU node), or force `{key} = \"nf4\"` or "
+                          f"`{key} = \"full\"` in its config to try anyway")
             raise GraftError(f"{folder}: the model ({_count(n['total'])} parameters) does not fit this machine "
-                             f"({rule}). Fix: run this stage where it fits (a GPU node), or force `{key} = \"nf4\"` "
-                             f"or `{key} = \"full\"` in its config to try anyway")
+                             f"({rule}). Fix: {fix}")
         load = fits[0]
     dm = device_map or ("auto" if gpus else None)
     return LoadPlan(str(folder), load, dtype, device, dm, n["total"], need, budget, rule)

@@ -68,13 +68,8 @@ def calibration_hidden(model_dir: str | Path, tokenizer_path: str | Path, files:
     from continual.load import load_model, plan_load
 
     windows = calibration_windows(load_fast_tokenizer(tokenizer_path), files, max_tokens, max_len)
-    from common.errors import GraftError
-
-    try:
-        plan = plan_load(model_dir)
-    except GraftError as e:  # its fix names the eval stage's `load`, which embed init has not
-        raise GraftError(str(e).split(". Fix:")[0] + ". Fix: run embed init where the model fits (a GPU node), "
-                         "or leave out --calibration (lm_head rows by the mean rule)") from None
+    plan = plan_load(model_dir, fix="run embed init where the model fits (a GPU node), or leave out --calibration "
+                                    "(lm_head rows by the mean rule)")  # embed init has no `load` setting to force
     print(f"  calibration: base model loaded {plan.describe()} ({plan.rule})")
     model = load_model(plan)
     model.eval()
